@@ -1,0 +1,1 @@
+"""The HTTP interface: Segment-compatible ingestion, the admin API and operations endpoints."""

@@ -1,0 +1,269 @@
+"""The ``mayak`` command line: serve, demo, migrations, workspaces, keys, import and replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import sqlalchemy as sa
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mayak.config import Settings
+from mayak.db.migrate import upgrade_async
+from mayak.errors import EventRejected, MayakError
+from mayak.platform import Mayak
+
+app = typer.Typer(help="Mayak: connected customer-experience platform.", no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+workspace_app = typer.Typer(help="Workspaces.", no_args_is_help=True)
+key_app = typer.Typer(help="API keys.", no_args_is_help=True)
+import_app = typer.Typer(help="Bulk import.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(workspace_app, name="workspace")
+app.add_typer(key_app, name="key")
+app.add_typer(import_app, name="import")
+console = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _run(factory: Callable[[Mayak], Awaitable[T]], *, migrate: bool = True) -> T:
+    async def main() -> T:
+        settings = Settings.from_env()
+        if migrate:
+            await upgrade_async(settings.database_url)
+        mayak = Mayak(settings)
+        try:
+            return await factory(mayak)
+        finally:
+            await mayak.close()
+
+    try:
+        return asyncio.run(main())
+    except MayakError as exc:
+        console.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        raise typer.Exit(2) from exc
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations up to REVISION (default: the newest)."""
+    settings = Settings.from_env()
+    asyncio.run(upgrade_async(settings.database_url, revision))
+    console.print(f"database at [bold]{settings.database_url}[/bold] is at revision {revision}")
+
+
+@workspace_app.command("create")
+def workspace_create(
+    name: str,
+    region: str = typer.Option("US", help="Default region for national phone numbers (ISO 3166)"),
+    as_json: bool = typer.Option(False, "--json", help="Print {id, write_key, secret_key} as JSON"),
+) -> None:
+    """Create a workspace with one write key and one secret key (shown once)."""
+    ws = _run(lambda m: m.workspaces.create_workspace(name, {"default_region": region.upper()}))
+    if as_json:
+        _print_json({"id": ws["id"], "write_key": ws["write_key"], "secret_key": ws["secret_key"]})
+    else:
+        console.print(f"workspace [bold]{ws['id']}[/bold] {name}")
+        console.print(f"write key:  {ws['write_key']}\nsecret key: {ws['secret_key']}  (shown once; store it)")
+
+
+@key_app.command("create")
+def key_create(
+    workspace: str = typer.Option(..., "--workspace", help="Workspace id (ws_…)"),
+    kind: str = typer.Option(..., "--kind", help="write or secret"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Issue a new key; its plaintext is shown only now."""
+    issued = _run(lambda m: m.workspaces.create_key(workspace, kind))
+    if as_json:
+        _print_json({"id": issued.id, "kind": issued.kind, "key": issued.plaintext})
+    else:
+        console.print(f"{issued.kind} key {issued.id}: {issued.plaintext}")
+
+
+@key_app.command("revoke")
+def key_revoke(key_id: str) -> None:
+    """Revoke a key by its id (key_…); it stops working at once."""
+    _run(lambda m: m.workspaces.revoke_key(key_id))
+    console.print(f"revoked {key_id}")
+
+
+@import_app.command("events")
+def import_events(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines: one Segment event per line"),
+    workspace: str = typer.Option(..., "--workspace"),
+    chunk: int = typer.Option(1000, help="Events per transaction"),
+) -> None:
+    """Import events from a JSON Lines file, then process them into profiles."""
+    from mayak.ingest.segment import normalise_event
+    from mayak.timeutil import now_ms
+
+    async def run(m: Mayak) -> None:
+        await m.workspaces.get_workspace(workspace)
+        total_bytes = path.stat().st_size
+        accepted = rejected = duplicates = 0
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("importing (bytes)", total=total_bytes)
+            batch = []
+            with path.open("rb") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    progress.advance(task, len(line))
+                    if not line.strip():
+                        continue
+                    try:
+                        raw = orjson.loads(line)
+                        batch.append(
+                            normalise_event(raw, workspace_id=workspace, received_at=now_ms(), batch_sent_at=None,
+                                            forced_type=None, actor="import", max_event_bytes=m.settings.max_event_bytes,
+                                            max_depth=m.settings.max_json_depth)
+                        )
+                    except (orjson.JSONDecodeError, EventRejected) as exc:
+                        rejected += 1
+                        reason = exc.code + " at " + str(exc.param) if isinstance(exc, EventRejected) else "invalid JSON"
+                        console.print(f"line {lineno}: {reason}")
+                    if len(batch) >= chunk:
+                        res = await m.writer.submit(batch)
+                        accepted, duplicates, batch = accepted + res.accepted, duplicates + res.duplicates, []
+                if batch:
+                    res = await m.writer.submit(batch)
+                    accepted, duplicates = accepted + res.accepted, duplicates + res.duplicates
+            lag = await m.pipeline.lag()
+            ptask = progress.add_task("processing", total=lag)
+            while True:
+                done = await m.pipeline.run_until_idle_once()
+                progress.advance(ptask, done)
+                if not done:
+                    break
+        console.print(f"accepted {accepted}, duplicates {duplicates}, rejected {rejected}")
+
+    _run(run)
+
+
+@app.command("replay")
+def replay(workspace: str = typer.Option(..., "--workspace")) -> None:
+    """Rebuild every profile of a workspace from its event log."""
+    count = _run(lambda m: m.customers.replay(workspace))
+    console.print(f"replayed {count} events")
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get("MAYAK_DATA_DIR", "./data"))
+
+
+async def ensure_demo(m: Mayak, customers: int) -> dict[str, Any]:
+    """Create Demo Motors once; later runs reuse it and its keys (kept in the data directory)."""
+    from mayak import demo
+    from mayak.db.schema import identities
+    from mayak.eventlog import NewEvent
+    from mayak.timeutil import now_ms
+
+    keys_file = _data_dir() / "demo-workspace.json"
+    if keys_file.exists():
+        saved = orjson.loads(keys_file.read_bytes())
+        try:
+            await m.workspaces.get_workspace(saved["id"])
+            await m.workspaces.authenticate(saved["write_key"])
+            await m.workspaces.authenticate(saved["secret_key"])
+            return dict(saved)
+        except MayakError:
+            console.print("saved demo keys no longer work; creating the demo workspace again")
+    ws = await m.workspaces.create_workspace(demo.WORKSPACE_NAME, {"default_region": "GB"})
+    events, stages = demo.generate(ws["id"], customers)
+    with console.status(f"loading {len(events)} demo events for {customers} customers"):
+        for start in range(0, len(events), 2000):
+            await m.writer.submit(events[start : start + 2000])
+        await m.pipeline.run_until_idle()
+        async with m.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(identities.c.value, identities.c.customer_id).where(
+                    identities.c.workspace_id == ws["id"], identities.c.kind == "user_id"
+                )
+            )
+            owners = dict(rows.all())
+        now = now_ms()
+        stage_events = [
+            NewEvent(workspace_id=ws["id"], type="customer.stage_set", timestamp=now, received_at=now,
+                     payload={"stage": stage}, source="admin", actor="demo", customer_id=owners[uid])
+            for uid, stage in stages.items() if uid in owners
+        ]
+        await m.writer.submit(stage_events)
+        await m.pipeline.run_until_idle()
+    saved = {"id": ws["id"], "name": ws["name"], "write_key": ws["write_key"], "secret_key": ws["secret_key"]}
+    keys_file.parent.mkdir(parents=True, exist_ok=True)
+    keys_file.write_bytes(orjson.dumps(saved, option=orjson.OPT_INDENT_2))
+    keys_file.chmod(0o600)
+    return saved
+
+
+def _banner(settings: Settings, ws: dict[str, Any]) -> None:
+    base = settings.public_url.rstrip("/")
+    console.print(f"\n[bold]Mayak[/bold] — demo workspace [bold]{ws['name']}[/bold] ({ws['id']})")
+    console.print(f"  API:         {base}/v1/")
+    console.print(f"  OpenAPI:     {base}/openapi.json   docs: {base}/docs")
+    console.print(f"  Metrics:     {base}/metrics   health: {base}/healthz")
+    console.print(f"  write key:   {ws['write_key']}")
+    console.print(f"  secret key:  {ws['secret_key']}")
+    console.print(
+        f"  try:         curl -s {base}/v1/customers?limit=3 -H 'Authorization: Bearer {ws['secret_key']}'\n"
+    )
+
+
+@app.command("demo")
+def demo_command(
+    customers: int = typer.Option(300, help="How many synthetic customers"),
+    serve_after: bool = typer.Option(False, "--serve", help="Start the server afterwards"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Create (or find) the Demo Motors workspace and print its keys."""
+    settings = Settings.from_env()
+    ws = _run(lambda m: ensure_demo(m, customers))
+    if as_json:
+        _print_json(ws)
+    else:
+        _banner(settings, ws)
+    if serve_after:
+        serve(settings.host, settings.port, True)
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option(None, help="Bind address (MAYAK_HOST, default 127.0.0.1)"),
+    port: int = typer.Option(None, help="Port (MAYAK_PORT, default 8000)"),
+    workers: bool = typer.Option(True, "--workers/--no-workers", help="Run pipeline, outbox and timer loops"),
+) -> None:
+    """Run the HTTP API and the worker loops in one process."""
+    import uvicorn
+
+    from mayak import logs
+    from mayak.api.app import create_app
+
+    settings = Settings.from_env()
+    logs.configure(settings.log_level)
+    if settings.secret_key is None and settings.sqlite_path() is not None:
+        console.print("[yellow]MAYAK_SECRET_KEY is not set: secrets are encrypted with a key file in the data folder[/]")
+    asyncio.run(upgrade_async(settings.database_url))
+    mayak_obj = Mayak(settings)
+    application = create_app(mayak_obj, workers=workers)
+    config = uvicorn.Config(
+        application, host=host or settings.host, port=port or settings.port, loop="uvloop", http="httptools",
+        access_log=False, log_config=None, lifespan="on", timeout_graceful_shutdown=5,
+    )
+    console.print(f"serving on http://{host or settings.host}:{port or settings.port}")
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Storage: schema, engine set-up for SQLite and PostgreSQL, and Alembic migrations."""

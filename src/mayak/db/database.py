@@ -1,0 +1,148 @@
+"""The storage port's engine: one object that hands out read and write connections.
+
+SQLite allows one writer at a time, so every write transaction in this process goes through one
+asyncio lock (the ingest writer batches many requests into each one: group commit). PostgreSQL
+gets a connection pool and real concurrency; cross-process ordering there relies on advisory locks
+(see ``mayak.pipeline``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+from mayak.db.schema import metadata
+from mayak.errors import StorageError
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def normalise_url(url: str) -> str:
+    """Accept the plain forms people type (``postgresql://``, ``sqlite:///``) and pick the async driver."""
+    if url.startswith(("postgres://", "postgresql://")):
+        return "postgresql+asyncpg://" + url.split("://", 1)[1]
+    if url.startswith("sqlite:///"):
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+    return url
+
+
+class Database:
+    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10):
+        self.url = normalise_url(url)
+        self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
+        self.memory = self.dialect == "sqlite" and (":memory:" in self.url or self.url.endswith("///"))
+        kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+        if self.dialect == "sqlite":
+            if self.memory:
+                kwargs["poolclass"] = StaticPool
+            else:
+                path = self.url.split("///", 1)[1].split("?")[0]
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_size"] = pool_size
+            kwargs["max_overflow"] = pool_size
+        self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
+        if self.dialect == "sqlite":
+            sync = sqlite_synchronous if sqlite_synchronous in ("OFF", "NORMAL", "FULL", "EXTRA") else "NORMAL"
+
+            @event.listens_for(self.engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                if not self.memory:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute(f"PRAGMA synchronous={sync}")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA cache_size=-65536")
+                cur.execute("PRAGMA temp_store=MEMORY")
+                cur.close()
+
+        # SQLite: one writer at a time in this process; in-memory: one connection for everything.
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    # -- connections -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A connection inside a transaction, committed on normal exit, rolled back on error."""
+        if self._write_lock is not None:
+            async with self._write_lock:
+                async with self._begin() as conn:
+                    yield conn
+        else:
+            async with self._begin() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        if self.memory and self._write_lock is not None:
+            async with self._write_lock, self._connect() as conn:
+                yield conn
+        else:
+            async with self._connect() as conn:
+                yield conn
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise StorageError("storage_unavailable", f"database error: {exc.orig!s}"[:500]) from exc
+
+    @asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise StorageError("storage_unavailable", f"database error: {exc.orig!s}"[:500]) from exc
+
+    # -- dialect helpers ---------------------------------------------------------------------
+
+    def insert(self, table: sa.Table) -> Any:
+        """A dialect insert, so callers can use ``on_conflict_do_nothing`` / ``do_update``."""
+        if self.dialect == "postgresql":
+            return pg_dialect.insert(table)
+        return sqlite_dialect.insert(table)
+
+    async def lock_workspace(self, conn: AsyncConnection, workspace_id: str, purpose: str) -> None:
+        """Serialise writers of one workspace across processes (PostgreSQL advisory lock, held to commit).
+
+        On SQLite the process-wide write lock already serialises every writer.
+        """
+        if self.dialect == "postgresql":
+            digest = hashlib.blake2b(f"{purpose}:{workspace_id}".encode(), digest_size=8).digest()
+            key = int.from_bytes(digest, "big", signed=True)
+            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+
+    async def create_all(self) -> None:
+        """Create the schema directly (tests and the memory backend); real installs use migrations."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def ping(self) -> bool:
+        try:
+            async with self._connect() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+            return True
+        except StorageError:
+            return False
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()

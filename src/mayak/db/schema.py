@@ -1,0 +1,196 @@
+"""The relational schema (SQLAlchemy Core), shared by SQLite and PostgreSQL.
+
+Conventions: every row carries ``workspace_id``; times are integer epoch milliseconds; ids are
+prefixed ULID-style strings, except the event log's ``seq`` which is a monotonic integer.
+Tables keyed by customer (``CUSTOMER_TABLES``) take part in merge, export and erase.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = sa.MetaData()
+
+Json = sa.JSON().with_variant(JSONB(), "postgresql")
+Ms = sa.BigInteger
+
+workspaces = sa.Table(
+    "workspaces",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("settings", Json, nullable=False),
+    sa.Column("created_at", Ms, nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False, index=True),
+    sa.Column("kind", sa.String(10), nullable=False),  # write | secret
+    sa.Column("prefix", sa.String(16), nullable=False),  # shown in listings: wk_ab12…
+    sa.Column("hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("revoked_at", Ms),
+)
+
+signing_secrets = sa.Table(
+    "signing_secrets",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False, index=True),
+    sa.Column("purpose", sa.String(40), nullable=False),
+    sa.Column("ciphertext", sa.Text, nullable=False),
+    sa.Column("created_at", Ms, nullable=False),
+)
+
+# The append-only log. ``customer_id`` is the pipeline's attribution (derived; moved on merge).
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("type", sa.String(40), nullable=False),
+    sa.Column("name", sa.String(200)),
+    sa.Column("customer_id", sa.String(40)),
+    sa.Column("timestamp", Ms, nullable=False),  # skew-corrected event time
+    sa.Column("received_at", Ms, nullable=False),
+    sa.Column("source", sa.String(40), nullable=False),  # api | admin | pipeline | timer | …
+    sa.Column("actor", sa.String(40)),  # key id (or other actor) that caused it
+    sa.Column("payload", sa.Text, nullable=False),  # the normalised event as JSON
+    sa.Index("ix_events_ws_seq", "workspace_id", "seq"),
+    sa.Index("ix_events_customer", "workspace_id", "customer_id", "seq"),
+)
+
+# Per-source dedup keys (Segment messageId, Telegram update_id, …) within a window.
+dedup_keys = sa.Table(
+    "dedup_keys",
+    metadata,
+    sa.Column("workspace_id", sa.String(40), primary_key=True),
+    sa.Column("key", sa.String(300), primary_key=True),
+    sa.Column("seen_at", Ms, nullable=False, index=True),
+)
+
+customers = sa.Table(
+    "customers",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("merged_into", sa.String(40)),
+    sa.Column("identified", sa.Boolean, nullable=False, default=False),  # has a user_id
+    sa.Column("traits", Json, nullable=False),
+    sa.Column("trait_times", Json, nullable=False),  # trait -> [event ms, seq]
+    sa.Column("context", Json, nullable=False),  # derived: timezone, locale, device, location…
+    sa.Column("consents", Json, nullable=False),  # channel -> purpose -> {granted, source, at}
+    sa.Column("preferences", Json, nullable=False),
+    sa.Column("stage", sa.String(40)),
+    sa.Column("stage_at", Ms),
+    sa.Column("first_seen", Ms),
+    sa.Column("last_seen", Ms),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("updated_at", Ms, nullable=False),
+    sa.Index("ix_customers_ws_id", "workspace_id", "id"),
+    sa.Index("ix_customers_ws_last_seen", "workspace_id", "last_seen"),
+)
+
+identities = sa.Table(
+    "identities",
+    metadata,
+    sa.Column("workspace_id", sa.String(40), primary_key=True),
+    sa.Column("kind", sa.String(40), primary_key=True),
+    sa.Column("value", sa.String(300), primary_key=True),
+    sa.Column("customer_id", sa.String(40), nullable=False),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Index("ix_identities_customer", "customer_id"),
+)
+
+suppressions = sa.Table(
+    "suppressions",
+    metadata,
+    sa.Column("workspace_id", sa.String(40), primary_key=True),
+    sa.Column("hash", sa.String(64), primary_key=True),
+    sa.Column("created_at", Ms, nullable=False),
+)
+
+consumer_cursors = sa.Table(
+    "consumer_cursors",
+    metadata,
+    sa.Column("consumer", sa.String(60), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), primary_key=True),
+    sa.Column("position", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", Ms, nullable=False),
+)
+
+outbox = sa.Table(
+    "outbox",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("customer_id", sa.String(40)),
+    sa.Column("kind", sa.String(40), nullable=False),  # webhook | message | …
+    sa.Column("target", sa.String(40)),  # destination / channel id
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("idempotency_key", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending|in_flight|sent|failed|dead
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("next_attempt_at", Ms, nullable=False),
+    sa.Column("lease_until", Ms),
+    sa.Column("last_error", sa.Text),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("updated_at", Ms, nullable=False),
+    sa.UniqueConstraint("workspace_id", "idempotency_key", name="uq_outbox_key"),
+    sa.Index("ix_outbox_due", "status", "next_attempt_at"),
+    sa.Index("ix_outbox_customer", "workspace_id", "customer_id"),
+    sa.Index("ix_outbox_target", "workspace_id", "target", "id"),
+)
+
+outbox_attempts = sa.Table(
+    "outbox_attempts",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("outbox_id", sa.String(40), nullable=False, index=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("at", Ms, nullable=False),
+    sa.Column("status_code", sa.Integer),
+    sa.Column("error", sa.Text),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+)
+
+timers = sa.Table(
+    "timers",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("customer_id", sa.String(40)),
+    sa.Column("kind", sa.String(60), nullable=False),
+    sa.Column("key", sa.String(200), nullable=False),
+    sa.Column("fire_at", Ms, nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | fired | cancelled
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("fired_at", Ms),
+    sa.UniqueConstraint("workspace_id", "key", name="uq_timers_key"),
+    sa.Index("ix_timers_due", "status", "fire_at"),
+    sa.Index("ix_timers_customer", "workspace_id", "customer_id"),
+)
+
+destinations = sa.Table(
+    "destinations",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False, index=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("url", sa.String(2000), nullable=False),
+    sa.Column("event_types", Json, nullable=False),  # [] = all
+    sa.Column("event_names", Json, nullable=False),  # [] = all
+    sa.Column("secret_id", sa.String(40), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", Ms, nullable=False),
+)
+
+# Tables with a customer_id column that move with a merge and go with an erase.
+CUSTOMER_TABLES = (events, identities, outbox, timers)

@@ -1,0 +1,1 @@
+"""Outward delivery: the outbox, durable timers, and event destinations (signed webhooks)."""

@@ -1,0 +1,109 @@
+"""Group commit: many concurrent requests share one write transaction.
+
+A request hands its validated events to ``submit`` and waits; a single writer task takes everything
+queued, appends it in one transaction, commits, and answers every waiter. A 2xx therefore always
+means the events are committed (durable against a crash of the process), while SQLite pays one
+commit per group instead of one per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+
+import structlog
+
+from mayak.db.database import Database
+from mayak.eventlog import AppendResult, LogNotifier, NewEvent, append
+from mayak.metrics import Metrics
+
+log = structlog.get_logger("mayak.ingest")
+
+MAX_GROUP_EVENTS = 20_000
+
+
+class IngestWriter:
+    def __init__(self, db: Database, notifier: LogNotifier, metrics: Metrics):
+        self.db = db
+        self.notifier = notifier
+        self.metrics = metrics
+        self._queue: list[tuple[Sequence[NewEvent], asyncio.Future[AppendResult]]] = []
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="mayak-ingest-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await self.flush()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def submit(self, batch: Sequence[NewEvent]) -> AppendResult:
+        """Append ``batch`` durably; returns once it is committed."""
+        if not batch:
+            return AppendResult()
+        if self._task is None:
+            async with self.db.write() as conn:
+                result = await append(self.db, conn, batch)
+            self._count(result)
+            self.notifier.notify()
+            return result
+        fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((batch, fut))
+        self._idle.clear()
+        self._wake.set()
+        return await fut
+
+    async def flush(self) -> None:
+        """Wait until everything submitted so far is committed."""
+        if self._task is not None:
+            await self._idle.wait()
+
+    def _count(self, result: AppendResult) -> None:
+        self.metrics.events_accepted.inc(result.accepted)
+        if result.duplicates:
+            self.metrics.events_deduplicated.inc(result.duplicates)
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group: list[tuple[Sequence[NewEvent], asyncio.Future[AppendResult]]] = []
+                size = 0
+                while self._queue and size < MAX_GROUP_EVENTS:
+                    item = self._queue.pop(0)
+                    group.append(item)
+                    size += len(item[0])
+                await self._commit(group)
+            self._idle.set()
+
+    async def _commit(self, group: list[tuple[Sequence[NewEvent], asyncio.Future[AppendResult]]]) -> None:
+        flat = [ev for batch, _ in group for ev in batch]
+        try:
+            async with self.db.write() as conn:
+                result = await append(self.db, conn, flat)
+        except Exception as exc:  # answer every waiter; nothing of this group was committed
+            log.error("ingest_commit_failed", error=str(exc), events=len(flat))
+            for _, fut in group:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self.notifier.notify()
+        offset = 0
+        for batch, fut in group:
+            flags = result.duplicate_flags[offset : offset + len(batch)]
+            offset += len(batch)
+            dup = sum(flags)
+            part = AppendResult(accepted=len(batch) - dup, duplicates=dup, duplicate_flags=flags)
+            self._count(part)
+            if not fut.done():
+                fut.set_result(part)

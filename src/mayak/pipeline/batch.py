@@ -1,0 +1,353 @@
+"""One micro-batch of a workspace's log, resolved to customers in memory and written back in bulk.
+
+Identity resolution follows DESIGN.md: ids come from the unique (workspace, kind, value) identity
+rows, looked up for the whole batch in one query; events are walked in log order; a collision merges
+two profiles only when at most one of them is identified (has a ``user_id``), otherwise the identity
+stays with its owner, the event goes to the profile its ``userId`` names and an ``identity.conflict``
+event is recorded. Every write happens at the end, in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mayak.db.database import Database
+from mayak.db.schema import CUSTOMER_TABLES, customers, events, identities, suppressions
+from mayak.eventlog import LoggedEvent, NewEvent
+from mayak.ids import derived_id
+from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, event_keys, suppression_hash
+from mayak.pipeline.profile import Profile
+
+SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+ADMIN_TYPES = frozenset(
+    {"customer.traits_set", "customer.consents_set", "customer.preferences_set", "customer.stage_set"}
+)
+_CHUNK = 400
+
+
+@dataclass(slots=True)
+class _Item:
+    event: LoggedEvent
+    user: Key | None = None
+    anon: Key | None = None
+    others: tuple[Key, ...] = ()
+    owner: str | None = None
+    dropped: bool = False
+
+
+class ProfileBatch:
+    def __init__(self, db: Database, conn: AsyncConnection, workspace_id: str, region: str, now: int):
+        self.db = db
+        self.conn = conn
+        self.ws = workspace_id
+        self.region = region
+        self.now = now
+        self.idmap: dict[Key, str] = {}
+        self.new_keys: dict[Key, str] = {}
+        self.profiles: dict[str, Profile] = {}
+        self.parent: dict[str, str] = {}
+        self.merges: list[tuple[str, str]] = []
+        self.derived: list[NewEvent] = []
+        self.conflicts = 0
+
+    # -- resolution helpers ------------------------------------------------------------------
+
+    def find(self, cid: str) -> str:
+        root = cid
+        while root in self.parent:
+            root = self.parent[root]
+        while cid != root:  # path compression
+            nxt = self.parent[cid]
+            self.parent[cid] = root
+            cid = nxt
+        return root
+
+    def lookup(self, key: Key) -> str | None:
+        cid = self.idmap.get(key)
+        return None if cid is None else self.find(cid)
+
+    def assign(self, key: Key, cid: str) -> None:
+        self.idmap[key] = cid
+        self.new_keys[key] = cid
+
+    def create(self, cause: LoggedEvent) -> str:
+        # Derived from the event that created it, so a replay of the log gives the same id.
+        cid = derived_id("cus", cause.received_at, cause.id)
+        self.profiles[cid] = Profile(id=cid, created_at=cause.received_at, new=True, dirty=True)
+        return cid
+
+    def merge(self, a: str, b: str, cause: LoggedEvent) -> str:
+        pa, pb = self.profiles[a], self.profiles[b]
+        if pa.identified != pb.identified:
+            survivor, loser = (pa, pb) if pa.identified else (pb, pa)
+        else:
+            survivor, loser = (pa, pb) if (pa.created_at, pa.id) <= (pb.created_at, pb.id) else (pb, pa)
+        survivor.absorb(loser)
+        loser.merged_into = survivor.id
+        loser.dirty = True
+        self.parent[loser.id] = survivor.id
+        self.merges.append((loser.id, survivor.id))
+        self.derived.append(
+            NewEvent(
+                workspace_id=self.ws, type="customer.merged", name=None, timestamp=self.now, received_at=self.now,
+                source="pipeline", customer_id=survivor.id, dedup_key=f"merge:{loser.id}",
+                payload={"survivor_id": survivor.id, "merged_id": loser.id, "cause_event_id": cause.id},
+            )
+        )
+        return survivor.id
+
+    def conflict(self, key: Key, owner: str, holder: str, cause: LoggedEvent) -> None:
+        self.conflicts += 1
+        self.derived.append(
+            NewEvent(
+                workspace_id=self.ws, type="identity.conflict", name=None, timestamp=self.now, received_at=self.now,
+                source="pipeline", customer_id=owner,
+                dedup_key=f"conflict:{cause.id}:{key[0]}:{key[1]}"[:300],
+                payload={"kind": key[0], "value": key[1], "held_by": holder, "event_customer_id": owner,
+                         "cause_event_id": cause.id},
+            )
+        )
+
+    # -- loading -----------------------------------------------------------------------------
+
+    async def load(self, logged: list[LoggedEvent], check_suppressions: bool) -> list[_Item]:
+        items: list[_Item] = []
+        keys: set[Key] = set()
+        targets: set[str] = set()
+        for ev in logged:
+            item = _Item(ev)
+            if ev.type in SEGMENT_TYPES and ev.source == "api":
+                user, anon, others = event_keys(ev.payload, self.region)
+                item.user, item.anon, item.others = user, anon, tuple(others)
+                for key in (user, anon, *others):
+                    if key is None:
+                        continue
+                    if key[0] == "previous_id":
+                        keys.add((USER_ID, key[1]))
+                        keys.add((ANONYMOUS_ID, key[1]))
+                    else:
+                        keys.add(key)
+            elif ev.customer_id:
+                targets.add(ev.customer_id)
+            items.append(item)
+        if check_suppressions and keys:
+            await self._apply_suppressions(items, keys)
+        key_list = list(keys)
+        for start in range(0, len(key_list), _CHUNK):
+            chunk = key_list[start : start + _CHUNK]
+            rows = await self.conn.execute(
+                sa.select(identities.c.kind, identities.c.value, identities.c.customer_id).where(
+                    identities.c.workspace_id == self.ws,
+                    sa.tuple_(identities.c.kind, identities.c.value).in_(chunk),
+                )
+            )
+            for kind, value, cid in rows:
+                self.idmap[(kind, value)] = cid
+        await self._load_profiles(set(self.idmap.values()) | targets)
+        return items
+
+    async def _apply_suppressions(self, items: list[_Item], keys: set[Key]) -> None:
+        hashes = {key: suppression_hash(self.ws, key) for key in keys}
+        found: set[str] = set()
+        values = list(set(hashes.values()))
+        for start in range(0, len(values), _CHUNK):
+            rows = await self.conn.execute(
+                sa.select(suppressions.c.hash).where(
+                    suppressions.c.workspace_id == self.ws, suppressions.c.hash.in_(values[start : start + _CHUNK])
+                )
+            )
+            found.update(r[0] for r in rows)
+        if not found:
+            return
+        for item in items:
+            for key in (item.user, item.anon, *item.others):
+                if key is None:
+                    continue
+                candidates = [(USER_ID, key[1]), (ANONYMOUS_ID, key[1])] if key[0] == "previous_id" else [key]
+                if any(hashes.get(k) in found for k in candidates):
+                    item.dropped = True
+                    break
+
+    async def _load_profiles(self, ids: set[str]) -> None:
+        pending = {cid for cid in ids if cid not in self.profiles}
+        while pending:
+            id_list = list(pending)
+            pending = set()
+            for start in range(0, len(id_list), _CHUNK):
+                rows = await self.conn.execute(
+                    sa.select(customers).where(
+                        customers.c.workspace_id == self.ws, customers.c.id.in_(id_list[start : start + _CHUNK])
+                    )
+                )
+                for row in rows:
+                    profile = Profile.from_row(row)
+                    self.profiles[profile.id] = profile
+                    if profile.merged_into:
+                        self.parent[profile.id] = profile.merged_into
+                        if profile.merged_into not in self.profiles:
+                            pending.add(profile.merged_into)
+
+    # -- processing --------------------------------------------------------------------------
+
+    def process(self, items: list[_Item]) -> None:
+        for item in items:
+            if item.dropped:
+                continue
+            ev = item.event
+            if ev.type in SEGMENT_TYPES and ev.source == "api":
+                item.owner = self._resolve(item)
+                self._apply_segment(item.owner, ev)
+            elif ev.customer_id:
+                if ev.customer_id not in self.profiles:
+                    item.dropped = ev.source != "pipeline"  # erased or unknown target
+                    item.owner = None if item.dropped else ev.customer_id
+                    continue
+                item.owner = self.find(ev.customer_id)
+                if ev.type in ADMIN_TYPES:
+                    self._apply_admin(item.owner, ev)
+
+    def _resolve(self, item: _Item) -> str:
+        ev = item.event
+        owner: str | None = None
+        rest: list[Key] = list(item.others)
+        if item.user is not None:
+            owner = self.lookup(item.user)
+            if owner is None:
+                anon_owner = self.lookup(item.anon) if item.anon else None
+                if anon_owner is not None and not self.profiles[anon_owner].identified:
+                    owner = anon_owner
+                else:
+                    owner = self.create(ev)
+                self.assign(item.user, owner)
+                self.profiles[owner].identified = True
+                self.profiles[owner].dirty = True
+            if item.anon is not None:
+                rest.insert(0, item.anon)
+        else:
+            assert item.anon is not None
+            owner = self.lookup(item.anon)
+            if owner is None:
+                owner = self.create(ev)
+                self.assign(item.anon, owner)
+        for key in rest:
+            if key[0] == "previous_id":  # alias: the earlier id is a user id if we know one, else anonymous
+                as_user = (USER_ID, key[1])
+                key = as_user if self.lookup(as_user) is not None else (ANONYMOUS_ID, key[1])
+            holder = self.lookup(key)
+            if holder is None:
+                self.assign(key, owner)
+            elif holder != owner:
+                if self.profiles[owner].identified and self.profiles[holder].identified:
+                    self.conflict(key, owner, holder, ev)
+                else:
+                    owner = self.merge(owner, holder, ev)
+        return owner
+
+    def _apply_segment(self, cid: str, ev: LoggedEvent) -> None:
+        profile = self.profiles[cid]
+        stamp = [ev.timestamp, ev.seq]
+        context = ev.payload.get("context")
+        profile.observe(ev.timestamp, context if isinstance(context, dict) else None, stamp)
+        if ev.type == "identify":
+            traits = ev.payload.get("traits")
+            if isinstance(traits, dict) and traits:
+                profile.set_traits(traits, stamp, f"event:{ev.actor or ev.source}")
+        elif ev.type == "group":
+            profile.join_group(str(ev.payload.get("groupId")))
+
+    def _apply_admin(self, cid: str, ev: LoggedEvent) -> None:
+        profile = self.profiles[cid]
+        stamp = [ev.timestamp, ev.seq]
+        source = f"admin:{ev.actor}"
+        body = ev.payload
+        if ev.type == "customer.traits_set":
+            profile.set_traits(body.get("traits") or {}, stamp, source)
+        elif ev.type == "customer.consents_set":
+            profile.set_consents(body.get("consents") or {}, stamp, source)
+        elif ev.type == "customer.preferences_set":
+            profile.set_preferences(body.get("preferences") or {}, stamp)
+        elif ev.type == "customer.stage_set":
+            profile.set_stage(str(body["stage"]), ev.timestamp, stamp)
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def write(self, items: list[_Item]) -> list[LoggedEvent]:
+        conn, ws = self.conn, self.ws
+        for loser, _ in self.merges:
+            survivor = self.find(loser)
+            if self.profiles[loser].new:
+                continue
+            for table in CUSTOMER_TABLES:
+                await conn.execute(
+                    table.update()
+                    .where(table.c.workspace_id == ws, table.c.customer_id == loser)
+                    .values(customer_id=survivor)
+                )
+            await conn.execute(
+                customers.update()
+                .where(customers.c.workspace_id == ws, customers.c.merged_into == loser)
+                .values(merged_into=survivor)
+            )
+        if self.new_keys:
+            await conn.execute(
+                identities.insert(),
+                [
+                    {"workspace_id": ws, "kind": k, "value": v, "customer_id": self.find(cid), "created_at": self.now}
+                    for (k, v), cid in self.new_keys.items()
+                ],
+            )
+        new_rows, changed_rows = [], []
+        for profile in self.profiles.values():
+            if profile.merged_into and profile.id in self.parent:
+                profile.merged_into = self.find(profile.id)
+            if profile.new:
+                new_rows.append(profile.to_row(ws, self.now))
+            elif profile.dirty:
+                row = profile.to_row(ws, self.now)
+                row["b_id"] = row.pop("id")
+                del row["workspace_id"], row["created_at"]
+                changed_rows.append(row)
+        if new_rows:
+            await conn.execute(customers.insert(), new_rows)
+        if changed_rows:
+            cols = [k for k in changed_rows[0] if k != "b_id"]
+            await conn.execute(
+                customers.update()
+                .where(customers.c.id == sa.bindparam("b_id"))
+                .values({c: sa.bindparam(c) for c in cols}),
+                changed_rows,
+            )
+        updates: list[dict[str, Any]] = []
+        dropped: list[int] = []
+        out: list[LoggedEvent] = []
+        for item in items:
+            ev = item.event
+            if item.dropped:
+                dropped.append(ev.seq)
+                continue
+            owner = self.find(item.owner) if item.owner else None
+            if owner != ev.customer_id:
+                updates.append({"b_seq": ev.seq, "customer_id": owner})
+                ev.customer_id = owner
+            out.append(ev)
+        if updates:
+            await conn.execute(
+                events.update().where(events.c.seq == sa.bindparam("b_seq")).values(customer_id=sa.bindparam("customer_id")),
+                updates,
+            )
+        for start in range(0, len(dropped), _CHUNK):
+            await conn.execute(events.delete().where(events.c.seq.in_(dropped[start : start + _CHUNK])))
+        return out
+
+
+def logged_from_row(row: Any) -> LoggedEvent:
+    return LoggedEvent(
+        seq=row.seq, id=row.id, workspace_id=row.workspace_id, type=row.type, name=row.name,
+        customer_id=row.customer_id, timestamp=row.timestamp, received_at=row.received_at, source=row.source,
+        actor=row.actor, payload=orjson.loads(row.payload),
+    )

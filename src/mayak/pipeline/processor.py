@@ -1,0 +1,200 @@
+"""The pipeline loop: read each workspace's log past its cursor, resolve, write back, advance.
+
+One lane per workspace: a batch is read, resolved and written in one transaction that also moves
+the cursor, so a crash re-reads the batch and, because every write is derived from the log
+deterministically and outbox keys derive from event ids, reprocessing duplicates nothing. On
+PostgreSQL the lane is an advisory lock, so several worker processes share workspaces safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mayak.config import Settings
+from mayak.db.database import Database
+from mayak.db.schema import consumer_cursors, events, suppressions, workspaces
+from mayak.eventlog import LoggedEvent, LogNotifier, append
+from mayak.metrics import Metrics
+from mayak.pipeline.batch import ProfileBatch, logged_from_row
+from mayak.timeutil import now_ms
+
+log = structlog.get_logger("mayak.pipeline")
+
+CONSUMER = "profiles"
+Router = Callable[[AsyncConnection, str, list[LoggedEvent]], Awaitable[int]]
+_EVENT_COLUMNS = (
+    events.c.seq, events.c.id, events.c.workspace_id, events.c.type, events.c.name, events.c.customer_id,
+    events.c.timestamp, events.c.received_at, events.c.source, events.c.actor, events.c.payload,
+)
+
+
+class Pipeline:
+    def __init__(
+        self, db: Database, notifier: LogNotifier, settings: Settings, metrics: Metrics,
+        routers: list[Router] | None = None,
+    ):
+        self.db = db
+        self.notifier = notifier
+        self.settings = settings
+        self.metrics = metrics
+        self.routers = list(routers or [])
+        self.batch_size = settings.pipeline_batch_size
+        self._lock = asyncio.Lock()
+        self._progress = asyncio.Condition()
+        self._positions: dict[str, int] = {}
+        self._regions: dict[str, tuple[float, str]] = {}
+        self._running = False
+
+    # -- loops -------------------------------------------------------------------------------
+
+    async def run_forever(self, stop: asyncio.Event) -> None:
+        self._running = True
+        try:
+            while not stop.is_set():
+                try:
+                    worked = await self.run_until_idle()
+                except Exception:
+                    log.exception("pipeline_round_failed")
+                    worked = 0
+                    await asyncio.sleep(1.0)
+                if not worked:
+                    await self.notifier.wait(0.5)
+        finally:
+            self._running = False
+
+    async def run_until_idle(self) -> int:
+        """Process every workspace to the end of its log; returns how many events it processed."""
+        total = 0
+        while done := await self.run_until_idle_once():
+            total += done
+        return total
+
+    async def run_until_idle_once(self) -> int:
+        """One batch per workspace that has unprocessed events; returns how many events it processed."""
+        total = 0
+        async with self._lock:
+            async with self.db.read() as conn:
+                ws_ids = [r[0] for r in await conn.execute(sa.select(workspaces.c.id).order_by(workspaces.c.id))]
+            for ws_id in ws_ids:
+                total += await self._process_batch(ws_id)
+        return total
+
+    async def wait_for(self, workspace_id: str, seq: int, timeout: float = 10.0) -> None:
+        """Return once the workspace's cursor has passed ``seq`` (processing inline if no loop runs)."""
+        if not self._running:
+            await self.run_until_idle()
+            return
+        async with asyncio.timeout(timeout), self._progress:
+            await self._progress.wait_for(lambda: self._positions.get(workspace_id, 0) >= seq)
+
+    # -- one batch ---------------------------------------------------------------------------
+
+    async def _process_batch(self, ws_id: str) -> int:
+        region = await self._region(ws_id)
+        started = time.perf_counter()
+        async with self.db.write() as conn:
+            await self.db.lock_workspace(conn, ws_id, CONSUMER)
+            position = await self._cursor(conn, ws_id)
+            rows = (
+                await conn.execute(
+                    sa.select(*_EVENT_COLUMNS)
+                    .where(events.c.workspace_id == ws_id, events.c.seq > position)
+                    .order_by(events.c.seq)
+                    .limit(self.batch_size)
+                )
+            ).all()
+            if not rows:
+                self._positions[ws_id] = position
+                return 0
+            logged = [logged_from_row(r) for r in rows]
+            now = now_ms()
+            batch = ProfileBatch(self.db, conn, ws_id, region, now)
+            has_suppressions = (
+                await conn.execute(sa.select(suppressions.c.hash).where(suppressions.c.workspace_id == ws_id).limit(1))
+            ).first() is not None
+            items = await batch.load(logged, has_suppressions)
+            batch.process(items)
+            routed = await batch.write(items)
+            if batch.derived:
+                await append(self.db, conn, batch.derived)
+            for router in self.routers:
+                await router(conn, ws_id, routed)
+            new_position = rows[-1].seq
+            await self._save_cursor(conn, ws_id, new_position, now)
+        dropped = len(logged) - len(routed)
+        self.metrics.events_processed.inc(len(routed))
+        if dropped:
+            self.metrics.events_suppressed.inc(dropped)
+        if batch.merges:
+            self.metrics.merges.inc(len(batch.merges))
+        if batch.conflicts:
+            self.metrics.conflicts.inc(batch.conflicts)
+        if batch.derived:
+            self.notifier.notify()
+        log.debug("pipeline_batch", workspace=ws_id, events=len(rows), ms=round((time.perf_counter() - started) * 1000, 1))
+        async with self._progress:
+            self._positions[ws_id] = new_position
+            self._progress.notify_all()
+        return len(rows)
+
+    async def _cursor(self, conn: AsyncConnection, ws_id: str) -> int:
+        row = (
+            await conn.execute(
+                sa.select(consumer_cursors.c.position).where(
+                    consumer_cursors.c.consumer == CONSUMER, consumer_cursors.c.workspace_id == ws_id
+                )
+            )
+        ).first()
+        return int(row[0]) if row else 0
+
+    async def _save_cursor(self, conn: AsyncConnection, ws_id: str, position: int, now: int) -> None:
+        stmt = self.db.insert(consumer_cursors).values(
+            consumer=CONSUMER, workspace_id=ws_id, position=position, updated_at=now
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["consumer", "workspace_id"], set_={"position": position, "updated_at": now}
+        )
+        await conn.execute(stmt)
+
+    async def _region(self, ws_id: str) -> str:
+        cached = self._regions.get(ws_id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        async with self.db.read() as conn:
+            row = (await conn.execute(sa.select(workspaces.c.settings).where(workspaces.c.id == ws_id))).first()
+        region = str((row[0] if row else {}).get("default_region", "US"))
+        self._regions[ws_id] = (time.monotonic() + 30.0, region)
+        return region
+
+    def reset_position(self, ws_id: str) -> None:
+        self._positions[ws_id] = 0
+
+    def forget_settings(self, ws_id: str) -> None:
+        self._regions.pop(ws_id, None)
+
+    async def lag(self) -> int:
+        """Events in the log that the pipeline has not processed yet (all workspaces)."""
+        async with self.db.read() as conn:
+            rows = await conn.execute(
+                sa.select(workspaces.c.id, sa.func.coalesce(consumer_cursors.c.position, 0)).select_from(
+                    workspaces.outerjoin(
+                        consumer_cursors,
+                        sa.and_(consumer_cursors.c.workspace_id == workspaces.c.id, consumer_cursors.c.consumer == CONSUMER),
+                    )
+                )
+            )
+            total = 0
+            for ws_id, position in rows.all():
+                total += (
+                    await conn.execute(
+                        sa.select(sa.func.count()).where(events.c.workspace_id == ws_id, events.c.seq > position)
+                    )
+                ).scalar_one()
+        self.metrics.pipeline_lag.set(total)
+        return int(total)

@@ -1,0 +1,100 @@
+"""The composition root: one object that owns the database, the services and the worker loops.
+
+``mayak serve`` builds one and mounts it in the HTTP app; tests build one on a temporary database
+and call ``drain()`` to wait, deterministically, until every accepted event has been processed and
+every due timer and outbox row handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from mayak.config import Settings
+from mayak.db.database import Database
+from mayak.delivery.destinations import DestinationService
+from mayak.delivery.outbox import OutboxDispatcher
+from mayak.delivery.timers import TimerWorker
+from mayak.eventlog import LogNotifier
+from mayak.ingest.writer import IngestWriter
+from mayak.metrics import Metrics
+from mayak.pipeline.customers import CustomerService
+from mayak.pipeline.processor import Pipeline
+from mayak.workspaces.secrets_box import SecretBox, load_or_create_key_file
+from mayak.workspaces.service import WorkspaceService
+
+log = structlog.get_logger("mayak")
+
+
+def master_key(settings: Settings) -> str:
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.sqlite_path()
+    if path is None:
+        if settings.database_url.startswith("sqlite"):
+            return "mayak-ephemeral-memory-key"  # in-memory database: nothing outlives the process
+        raise RuntimeError("MAYAK_SECRET_KEY must be set when the database is not a local SQLite file")
+    return load_or_create_key_file(path.parent / "mayak-secret.key")
+
+
+class Mayak:
+    def __init__(self, settings: Settings, db: Database | None = None):
+        self.settings = settings
+        self.db = db or Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.box = SecretBox(master_key(settings))
+        self.metrics = Metrics()
+        self.notifier = LogNotifier()
+        self.workspaces = WorkspaceService(self.db, self.box)
+        self.writer = IngestWriter(self.db, self.notifier, self.metrics)
+        self.destinations = DestinationService(self.db, self.workspaces, settings)
+        self.outbox = OutboxDispatcher(self.db, settings, self.metrics)
+        self.outbox.register("webhook", self.destinations.deliver)
+        self.timers = TimerWorker(self.db, self.notifier, self.metrics)
+        self.pipeline = Pipeline(self.db, self.notifier, settings, self.metrics, routers=[self.destinations.route])
+        self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self, *, workers: bool = True) -> None:
+        self.writer.start()
+        if workers:
+            self._stop.clear()
+            self._spawn("pipeline", self.pipeline.run_forever)
+            self._spawn("outbox", self.outbox.run_forever)
+            self._spawn("timers", self.timers.run_forever)
+
+    def _spawn(self, name: str, loop: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+        task = asyncio.create_task(loop(self._stop), name=f"mayak-{name}")
+        self._tasks.append(task)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        self.notifier.notify()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        await self.writer.stop()
+        await self.destinations.close()
+
+    async def drain(self, *, timeout: float = 30.0, deliveries: bool = True) -> None:
+        """Process everything that is due now: pipeline to the end of the log, timers, outbox."""
+        async with asyncio.timeout(timeout):
+            while True:
+                await self.writer.flush()
+                worked = await self.pipeline.run_until_idle()
+                worked += await self.timers.run_once()
+                if deliveries:
+                    worked += await self.outbox.run_once()
+                if not worked:
+                    return
+
+    async def close(self) -> None:
+        await self.stop()
+        await self.db.dispose()
