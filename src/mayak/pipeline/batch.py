@@ -13,15 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
-from mayak.db.schema import CUSTOMER_TABLES, customers, events, identities, suppressions
+from mayak.db.fastsql import FastSql
+from mayak.db.schema import CUSTOMER_TABLES, customers
 from mayak.eventlog import LoggedEvent, NewEvent
 from mayak.ids import derived_id
 from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, event_keys, suppression_hash
-from mayak.pipeline.profile import Profile
+from mayak.pipeline.profile import JSON_POSITIONS, PROFILE_COLUMNS, Profile
 
 SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 ADMIN_TYPES = frozenset(
@@ -43,6 +43,7 @@ class _Item:
 class ProfileBatch:
     def __init__(self, db: Database, conn: AsyncConnection, workspace_id: str, region: str, now: int):
         self.db = db
+        self.sql = FastSql(db.dialect)
         self.conn = conn
         self.ws = workspace_id
         self.region = region
@@ -94,8 +95,14 @@ class ProfileBatch:
         self.merges.append((loser.id, survivor.id))
         self.derived.append(
             NewEvent(
-                workspace_id=self.ws, type="customer.merged", name=None, timestamp=self.now, received_at=self.now,
-                source="pipeline", customer_id=survivor.id, dedup_key=f"merge:{loser.id}",
+                workspace_id=self.ws,
+                type="customer.merged",
+                name=None,
+                timestamp=self.now,
+                received_at=self.now,
+                source="pipeline",
+                customer_id=survivor.id,
+                dedup_key=f"merge:{loser.id}",
                 payload={"survivor_id": survivor.id, "merged_id": loser.id, "cause_event_id": cause.id},
             )
         )
@@ -105,11 +112,21 @@ class ProfileBatch:
         self.conflicts += 1
         self.derived.append(
             NewEvent(
-                workspace_id=self.ws, type="identity.conflict", name=None, timestamp=self.now, received_at=self.now,
-                source="pipeline", customer_id=owner,
+                workspace_id=self.ws,
+                type="identity.conflict",
+                name=None,
+                timestamp=self.now,
+                received_at=self.now,
+                source="pipeline",
+                customer_id=owner,
                 dedup_key=f"conflict:{cause.id}:{key[0]}:{key[1]}"[:300],
-                payload={"kind": key[0], "value": key[1], "held_by": holder, "event_customer_id": owner,
-                         "cause_event_id": cause.id},
+                payload={
+                    "kind": key[0],
+                    "value": key[1],
+                    "held_by": holder,
+                    "event_customer_id": owner,
+                    "cause_event_id": cause.id,
+                },
             )
         )
 
@@ -137,31 +154,29 @@ class ProfileBatch:
             items.append(item)
         if check_suppressions and keys:
             await self._apply_suppressions(items, keys)
-        key_list = list(keys)
-        for start in range(0, len(key_list), _CHUNK):
-            chunk = key_list[start : start + _CHUNK]
-            rows = await self.conn.execute(
-                sa.select(identities.c.kind, identities.c.value, identities.c.customer_id).where(
-                    identities.c.workspace_id == self.ws,
-                    sa.tuple_(identities.c.kind, identities.c.value).in_(chunk),
-                )
-            )
-            for kind, value, cid in rows:
+        by_kind: dict[str, list[str]] = {}
+        for kind, value in keys:
+            by_kind.setdefault(kind, []).append(value)
+        sql = self.sql
+        query = (
+            f"SELECT value, customer_id FROM identities WHERE workspace_id = {sql.p(1)} AND kind = {sql.p(2)}"
+            f" AND value {sql.in_list(3)}"
+        )
+        for kind, values in by_kind.items():
+            rows = await self.conn.exec_driver_sql(query, (self.ws, kind, sql.list_param(values)))
+            for value, cid in rows:
                 self.idmap[(kind, value)] = cid
         await self._load_profiles(set(self.idmap.values()) | targets)
         return items
 
     async def _apply_suppressions(self, items: list[_Item], keys: set[Key]) -> None:
         hashes = {key: suppression_hash(self.ws, key) for key in keys}
-        found: set[str] = set()
-        values = list(set(hashes.values()))
-        for start in range(0, len(values), _CHUNK):
-            rows = await self.conn.execute(
-                sa.select(suppressions.c.hash).where(
-                    suppressions.c.workspace_id == self.ws, suppressions.c.hash.in_(values[start : start + _CHUNK])
-                )
-            )
-            found.update(r[0] for r in rows)
+        sql = self.sql
+        rows = await self.conn.exec_driver_sql(
+            f"SELECT hash FROM suppressions WHERE workspace_id = {sql.p(1)} AND hash {sql.in_list(2)}",
+            (self.ws, sql.list_param(list(set(hashes.values())))),
+        )
+        found = {r[0] for r in rows}
         if not found:
             return
         for item in items:
@@ -174,23 +189,21 @@ class ProfileBatch:
                     break
 
     async def _load_profiles(self, ids: set[str]) -> None:
+        sql = self.sql
+        query = (
+            f"SELECT {PROFILE_COLUMNS} FROM customers WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}"
+        )
         pending = {cid for cid in ids if cid not in self.profiles}
         while pending:
-            id_list = list(pending)
+            rows = await self.conn.exec_driver_sql(query, (self.ws, sql.list_param(list(pending))))
             pending = set()
-            for start in range(0, len(id_list), _CHUNK):
-                rows = await self.conn.execute(
-                    sa.select(customers).where(
-                        customers.c.workspace_id == self.ws, customers.c.id.in_(id_list[start : start + _CHUNK])
-                    )
-                )
-                for row in rows:
-                    profile = Profile.from_row(row)
-                    self.profiles[profile.id] = profile
-                    if profile.merged_into:
-                        self.parent[profile.id] = profile.merged_into
-                        if profile.merged_into not in self.profiles:
-                            pending.add(profile.merged_into)
+            for row in rows:
+                profile = Profile.from_tuple(row)
+                self.profiles[profile.id] = profile
+                if profile.merged_into:
+                    self.parent[profile.id] = profile.merged_into
+                    if profile.merged_into not in self.profiles:
+                        pending.add(profile.merged_into)
 
     # -- processing --------------------------------------------------------------------------
 
@@ -293,36 +306,37 @@ class ProfileBatch:
                 .where(customers.c.workspace_id == ws, customers.c.merged_into == loser)
                 .values(merged_into=survivor)
             )
+        sql = self.sql
         if self.new_keys:
-            await conn.execute(
-                identities.insert(),
-                [
-                    {"workspace_id": ws, "kind": k, "value": v, "customer_id": self.find(cid), "created_at": self.now}
-                    for (k, v), cid in self.new_keys.items()
-                ],
+            await conn.exec_driver_sql(
+                f"INSERT INTO identities (workspace_id, kind, value, customer_id, created_at) VALUES ({sql.values(5)})",
+                [(ws, k, v, self.find(cid), self.now) for (k, v), cid in self.new_keys.items()],
             )
         new_rows, changed_rows = [], []
         for profile in self.profiles.values():
             if profile.merged_into and profile.id in self.parent:
                 profile.merged_into = self.find(profile.id)
             if profile.new:
-                new_rows.append(profile.to_row(ws, self.now))
+                new_rows.append((ws, *profile.to_tuple(self.now)))
             elif profile.dirty:
-                row = profile.to_row(ws, self.now)
-                row["b_id"] = row.pop("id")
-                del row["workspace_id"], row["created_at"]
-                changed_rows.append(row)
+                values = profile.to_tuple(self.now)
+                changed_rows.append((*values[1:], values[0]))
         if new_rows:
-            await conn.execute(customers.insert(), new_rows)
-        if changed_rows:
-            cols = [k for k in changed_rows[0] if k != "b_id"]
-            await conn.execute(
-                customers.update()
-                .where(customers.c.id == sa.bindparam("b_id"))
-                .values({c: sa.bindparam(c) for c in cols}),
-                changed_rows,
+            await conn.exec_driver_sql(
+                f"INSERT INTO customers (workspace_id, {PROFILE_COLUMNS}) VALUES "
+                f"({sql.values(len(new_rows[0]), [i + 1 for i in JSON_POSITIONS])})",
+                new_rows,
             )
-        updates: list[dict[str, Any]] = []
+        if changed_rows:
+            names = PROFILE_COLUMNS.split(", ")[1:]
+            assignments = ", ".join(
+                f"{name} = {sql.p(i + 1)}" + ("::jsonb" if sql.pg and i + 1 in JSON_POSITIONS else "")
+                for i, name in enumerate(names)
+            )
+            await conn.exec_driver_sql(
+                f"UPDATE customers SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed_rows
+            )
+        updates: list[tuple[str | None, int]] = []
         dropped: list[int] = []
         out: list[LoggedEvent] = []
         for item in items:
@@ -332,22 +346,24 @@ class ProfileBatch:
                 continue
             owner = self.find(item.owner) if item.owner else None
             if owner != ev.customer_id:
-                updates.append({"b_seq": ev.seq, "customer_id": owner})
+                updates.append((owner, ev.seq))
                 ev.customer_id = owner
             out.append(ev)
         if updates:
-            await conn.execute(
-                events.update().where(events.c.seq == sa.bindparam("b_seq")).values(customer_id=sa.bindparam("customer_id")),
-                updates,
+            await conn.exec_driver_sql(
+                f"UPDATE events SET customer_id = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
             )
-        for start in range(0, len(dropped), _CHUNK):
-            await conn.execute(events.delete().where(events.c.seq.in_(dropped[start : start + _CHUNK])))
+        if dropped:
+            await conn.exec_driver_sql(
+                f"DELETE FROM events WHERE seq = {sql.p(1)}", [(seq,) for seq in dropped]
+            )
         return out
 
 
-def logged_from_row(row: Any) -> LoggedEvent:
-    return LoggedEvent(
-        seq=row.seq, id=row.id, workspace_id=row.workspace_id, type=row.type, name=row.name,
-        customer_id=row.customer_id, timestamp=row.timestamp, received_at=row.received_at, source=row.source,
-        actor=row.actor, payload=orjson.loads(row.payload),
-    )
+EVENT_COLUMNS = (
+    "seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, actor, payload"
+)
+
+
+def logged_from_tuple(row: Any) -> LoggedEvent:
+    return LoggedEvent(*row[:10], payload=orjson.loads(row[10]))

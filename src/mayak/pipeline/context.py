@@ -59,7 +59,9 @@ def channel_hints(context: dict[str, Any]) -> list[str]:
     lib_name = str(library.get("name", "")) if isinstance(library, dict) else ""
     if "page" in context or lib_name.startswith("analytics.js") or "userAgent" in context:
         hints.append("web")
-    if "app" in context or lib_name.startswith(("analytics-ios", "analytics-android", "analytics-react-native")):
+    if "app" in context or lib_name.startswith(
+        ("analytics-ios", "analytics-android", "analytics-react-native")
+    ):
         hints.append("mobile_app")
     return hints
 
@@ -78,7 +80,11 @@ def derive(context: dict[str, Any]) -> dict[str, Any]:
         out["device_type"] = dtype
     location = context.get("location")
     if isinstance(location, dict):
-        place = {k: location[k] for k in _LOCATION_FIELDS if k in location and isinstance(location[k], (str, int, float))}
+        place = {
+            k: location[k]
+            for k in _LOCATION_FIELDS
+            if k in location and isinstance(location[k], (str, int, float))
+        }
         if place:
             out["location"] = place
     return out

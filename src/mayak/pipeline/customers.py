@@ -23,11 +23,10 @@ from mayak.db.schema import (
     suppressions,
     timers,
 )
-from mayak.errors import InvalidRequest, NotFound
+from mayak.errors import EventRejected, InvalidRequest, NotFound
 from mayak.eventlog import NewEvent, append, last_seq
 from mayak.ingest.segment import validate_consents, validate_preferences
 from mayak.ingest.writer import IngestWriter
-from mayak.errors import EventRejected
 from mayak.pipeline.identity import normalise, normalise_kind, suppression_hash
 from mayak.pipeline.processor import CONSUMER, Pipeline
 from mayak.timeutil import ms_to_rfc3339, now_ms, parse_rfc3339_ms
@@ -63,7 +62,9 @@ def _time_param(value: str | None, name: str) -> int | None:
     try:
         return parse_rfc3339_ms(value)
     except ValueError as exc:
-        raise InvalidRequest("invalid_timestamp", f"{name} must be an RFC 3339 timestamp", f"$.{name}") from exc
+        raise InvalidRequest(
+            "invalid_timestamp", f"{name} must be an RFC 3339 timestamp", f"$.{name}"
+        ) from exc
 
 
 def event_view(row: Any) -> dict[str, Any]:
@@ -115,7 +116,9 @@ class CustomerService:
         survivor = await self.resolve(ws_id, customer_id)
         async with self.db.read() as conn:
             row = (
-                await conn.execute(sa.select(customers).where(customers.c.workspace_id == ws_id, customers.c.id == survivor))
+                await conn.execute(
+                    sa.select(customers).where(customers.c.workspace_id == ws_id, customers.c.id == survivor)
+                )
             ).one()
             idents = (
                 await conn.execute(
@@ -126,7 +129,9 @@ class CustomerService:
             ).all()
             merged = (
                 await conn.execute(
-                    sa.select(customers.c.id).where(customers.c.workspace_id == ws_id, customers.c.merged_into == survivor)
+                    sa.select(customers.c.id).where(
+                        customers.c.workspace_id == ws_id, customers.c.merged_into == survivor
+                    )
                 )
             ).all()
         return self._view(row, idents, [m[0] for m in merged])
@@ -134,7 +139,9 @@ class CustomerService:
     def _view(self, row: Any, idents: list[Any], merged_ids: list[str]) -> dict[str, Any]:
         context = dict(row.context)
         hints = context.pop("channel_hints", [])
-        channels = sorted({IDENTITY_CHANNELS[i.kind] for i in idents if i.kind in IDENTITY_CHANNELS} | set(hints))
+        channels = sorted(
+            {IDENTITY_CHANNELS[i.kind] for i in idents if i.kind in IDENTITY_CHANNELS} | set(hints)
+        )
         context["channels"] = channels
         context.setdefault("groups", [])
         return {
@@ -161,7 +168,9 @@ class CustomerService:
         kind_raw, sep, value_raw = identity.partition(":")
         kind = normalise_kind(kind_raw)
         if not sep or kind is None:
-            raise InvalidRequest("invalid_identity", "identity must be KIND:VALUE, e.g. email:ann@example.com", "$.identity")
+            raise InvalidRequest(
+                "invalid_identity", "identity must be KIND:VALUE, e.g. email:ann@example.com", "$.identity"
+            )
         ws = await self.workspaces.get_workspace(ws_id)
         value = normalise(kind, value_raw, ws["settings"].get("default_region", "US"))
         if value is None:
@@ -170,7 +179,9 @@ class CustomerService:
             row = (
                 await conn.execute(
                     sa.select(identities.c.customer_id).where(
-                        identities.c.workspace_id == ws_id, identities.c.kind == kind, identities.c.value == value
+                        identities.c.workspace_id == ws_id,
+                        identities.c.kind == kind,
+                        identities.c.value == value,
                     )
                 )
             ).first()
@@ -190,7 +201,9 @@ class CustomerService:
         limit: int = 50,
     ) -> dict[str, Any]:
         limit = check_limit(limit)
-        query = sa.select(customers).where(customers.c.workspace_id == ws_id, customers.c.merged_into.is_(None))
+        query = sa.select(customers).where(
+            customers.c.workspace_id == ws_id, customers.c.merged_into.is_(None)
+        )
         if trait is not None:
             name, sep, value = trait.partition(":")
             if not sep or not name:
@@ -219,7 +232,12 @@ class CustomerService:
             idents: dict[str, list[Any]] = {i: [] for i in ids}
             if ids:
                 for ident in await conn.execute(
-                    sa.select(identities.c.customer_id, identities.c.kind, identities.c.value, identities.c.created_at)
+                    sa.select(
+                        identities.c.customer_id,
+                        identities.c.kind,
+                        identities.c.value,
+                        identities.c.created_at,
+                    )
                     .where(identities.c.workspace_id == ws_id, identities.c.customer_id.in_(ids))
                     .order_by(identities.c.kind, identities.c.value)
                 ):
@@ -266,19 +284,33 @@ class CustomerService:
 
     # -- changing (through the log) ----------------------------------------------------------
 
-    async def _change(self, ws_id: str, customer_id: str, etype: str, body: dict[str, Any], actor: str) -> dict[str, Any]:
+    async def _change(
+        self, ws_id: str, customer_id: str, etype: str, body: dict[str, Any], actor: str
+    ) -> dict[str, Any]:
         survivor = await self.resolve(ws_id, customer_id)
         now = now_ms()
         await self.writer.submit(
-            [NewEvent(workspace_id=ws_id, type=etype, timestamp=now, received_at=now, payload=body, source="admin",
-                      actor=actor, customer_id=survivor)]
+            [
+                NewEvent(
+                    workspace_id=ws_id,
+                    type=etype,
+                    timestamp=now,
+                    received_at=now,
+                    payload=body,
+                    source="admin",
+                    actor=actor,
+                    customer_id=survivor,
+                )
+            ]
         )
         async with self.db.read() as conn:
             seq = await last_seq(conn, ws_id)
         await self.pipeline.wait_for(ws_id, seq)
         return await self.get(ws_id, survivor)
 
-    async def set_traits(self, ws_id: str, customer_id: str, traits: dict[str, Any], actor: str) -> dict[str, Any]:
+    async def set_traits(
+        self, ws_id: str, customer_id: str, traits: dict[str, Any], actor: str
+    ) -> dict[str, Any]:
         if not isinstance(traits, dict) or not traits:
             raise InvalidRequest("invalid_field_type", "traits must be a non-empty object", "$.traits")
         try:
@@ -302,7 +334,9 @@ class CustomerService:
             validate_preferences(prefs, "$.preferences")
         except EventRejected as exc:
             raise InvalidRequest(exc.code, exc.message, exc.param) from exc
-        return await self._change(ws_id, customer_id, "customer.preferences_set", {"preferences": prefs}, actor)
+        return await self._change(
+            ws_id, customer_id, "customer.preferences_set", {"preferences": prefs}, actor
+        )
 
     async def set_stage(self, ws_id: str, customer_id: str, stage: str, actor: str) -> dict[str, Any]:
         ws = await self.workspaces.get_workspace(ws_id)
@@ -326,17 +360,23 @@ class CustomerService:
         async with self.db.read() as conn:
             evs = (
                 await conn.execute(
-                    sa.select(events).where(events.c.workspace_id == ws_id, events.c.customer_id.in_(ids)).order_by(events.c.seq)
+                    sa.select(events)
+                    .where(events.c.workspace_id == ws_id, events.c.customer_id.in_(ids))
+                    .order_by(events.c.seq)
                 )
             ).all()
             out = (
                 await conn.execute(
-                    sa.select(outbox).where(outbox.c.workspace_id == ws_id, outbox.c.customer_id.in_(ids)).order_by(outbox.c.id)
+                    sa.select(outbox)
+                    .where(outbox.c.workspace_id == ws_id, outbox.c.customer_id.in_(ids))
+                    .order_by(outbox.c.id)
                 )
             ).all()
             tms = (
                 await conn.execute(
-                    sa.select(timers).where(timers.c.workspace_id == ws_id, timers.c.customer_id.in_(ids)).order_by(timers.c.id)
+                    sa.select(timers)
+                    .where(timers.c.workspace_id == ws_id, timers.c.customer_id.in_(ids))
+                    .order_by(timers.c.id)
                 )
             ).all()
         return {
@@ -345,13 +385,25 @@ class CustomerService:
             "customer": profile,
             "events": [event_view(r) for r in evs],
             "messages": [
-                {"id": r.id, "kind": r.kind, "target": r.target, "status": r.status, "attempts": r.attempts,
-                 "payload": orjson.loads(r.payload), "created_at": ms_to_rfc3339(r.created_at)}
+                {
+                    "id": r.id,
+                    "kind": r.kind,
+                    "target": r.target,
+                    "status": r.status,
+                    "attempts": r.attempts,
+                    "payload": orjson.loads(r.payload),
+                    "created_at": ms_to_rfc3339(r.created_at),
+                }
                 for r in out
             ],
             "timers": [
-                {"id": r.id, "kind": r.kind, "status": r.status, "fire_at": ms_to_rfc3339(r.fire_at),
-                 "payload": orjson.loads(r.payload)}
+                {
+                    "id": r.id,
+                    "kind": r.kind,
+                    "status": r.status,
+                    "fire_at": ms_to_rfc3339(r.fire_at),
+                    "payload": orjson.loads(r.payload),
+                }
                 for r in tms
             ],
         }
@@ -366,7 +418,9 @@ class CustomerService:
             ids = [survivor] + [
                 r[0]
                 for r in await conn.execute(
-                    sa.select(customers.c.id).where(customers.c.workspace_id == ws_id, customers.c.merged_into == survivor)
+                    sa.select(customers.c.id).where(
+                        customers.c.workspace_id == ws_id, customers.c.merged_into == survivor
+                    )
                 )
             ]
             keys = (
@@ -379,7 +433,10 @@ class CustomerService:
             if keys:
                 await conn.execute(
                     self.db.insert(suppressions).on_conflict_do_nothing(),
-                    [{"workspace_id": ws_id, "hash": suppression_hash(ws_id, (k, v)), "created_at": now} for k, v in keys],
+                    [
+                        {"workspace_id": ws_id, "hash": suppression_hash(ws_id, (k, v)), "created_at": now}
+                        for k, v in keys
+                    ],
                 )
             counts: dict[str, int] = {}
             for table in CUSTOMER_TABLES:
@@ -387,24 +444,48 @@ class CustomerService:
                     table.delete().where(table.c.workspace_id == ws_id, table.c.customer_id.in_(ids))
                 )
                 counts[table.name] = int(res.rowcount or 0)
-            await conn.execute(customers.delete().where(customers.c.workspace_id == ws_id, customers.c.id.in_(ids)))
-            await append(
-                self.db, conn,
-                [NewEvent(workspace_id=ws_id, type="customer.erased", timestamp=now, received_at=now, source="admin",
-                          actor=actor, payload={"erased_customer_ids": ids, "identities": len(keys),
-                                                "events": counts["events"]})],
+            await conn.execute(
+                customers.delete().where(customers.c.workspace_id == ws_id, customers.c.id.in_(ids))
             )
-        return {"object": "customer_erasure", "id": survivor, "erased_customer_ids": ids,
-                "identities_suppressed": len(keys), "events_deleted": counts["events"]}
+            await append(
+                self.db,
+                conn,
+                [
+                    NewEvent(
+                        workspace_id=ws_id,
+                        type="customer.erased",
+                        timestamp=now,
+                        received_at=now,
+                        source="admin",
+                        actor=actor,
+                        payload={
+                            "erased_customer_ids": ids,
+                            "identities": len(keys),
+                            "events": counts["events"],
+                        },
+                    )
+                ],
+            )
+        return {
+            "object": "customer_erasure",
+            "id": survivor,
+            "erased_customer_ids": ids,
+            "identities_suppressed": len(keys),
+            "events_deleted": counts["events"],
+        }
 
     async def replay(self, ws_id: str) -> int:
         """Rebuild every profile of a workspace from its log; returns the number of events replayed."""
         await self.workspaces.get_workspace(ws_id)
         async with self.db.write() as conn:
             await self.db.lock_workspace(conn, ws_id, CONSUMER)
-            await conn.execute(events.delete().where(events.c.workspace_id == ws_id, events.c.source == "pipeline"))
             await conn.execute(
-                events.update().where(events.c.workspace_id == ws_id, events.c.source == "api").values(customer_id=None)
+                events.delete().where(events.c.workspace_id == ws_id, events.c.source == "pipeline")
+            )
+            await conn.execute(
+                events.update()
+                .where(events.c.workspace_id == ws_id, events.c.source == "api")
+                .values(customer_id=None)
             )
             await conn.execute(identities.delete().where(identities.c.workspace_id == ws_id))
             await conn.execute(customers.delete().where(customers.c.workspace_id == ws_id))
@@ -413,7 +494,9 @@ class CustomerService:
                     consumer_cursors.c.workspace_id == ws_id, consumer_cursors.c.consumer == CONSUMER
                 )
             )
-            total = (await conn.execute(sa.select(sa.func.count()).where(events.c.workspace_id == ws_id))).scalar_one()
+            total = (
+                await conn.execute(sa.select(sa.func.count()).where(events.c.workspace_id == ws_id))
+            ).scalar_one()
         self.pipeline.reset_position(ws_id)
         async with self.db.read() as conn:
             seq = await last_seq(conn, ws_id)

@@ -28,6 +28,11 @@ Key = tuple[str, str]
 def normalise_email(value: Any) -> str | None:
     if not isinstance(value, str):
         return None
+    return _normalise_email(value)
+
+
+@lru_cache(maxsize=65_536)
+def _normalise_email(value: str) -> str | None:
     email = value.strip().lower()
     if len(email) > 254 or not _EMAIL_RE.match(email):
         return None

@@ -18,25 +18,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.config import Settings
 from mayak.db.database import Database
+from mayak.db.fastsql import FastSql
 from mayak.db.schema import consumer_cursors, events, suppressions, workspaces
 from mayak.eventlog import LoggedEvent, LogNotifier, append
 from mayak.metrics import Metrics
-from mayak.pipeline.batch import ProfileBatch, logged_from_row
+from mayak.pipeline.batch import EVENT_COLUMNS, ProfileBatch, logged_from_tuple
 from mayak.timeutil import now_ms
 
 log = structlog.get_logger("mayak.pipeline")
 
 CONSUMER = "profiles"
 Router = Callable[[AsyncConnection, str, list[LoggedEvent]], Awaitable[int]]
-_EVENT_COLUMNS = (
-    events.c.seq, events.c.id, events.c.workspace_id, events.c.type, events.c.name, events.c.customer_id,
-    events.c.timestamp, events.c.received_at, events.c.source, events.c.actor, events.c.payload,
-)
 
 
 class Pipeline:
     def __init__(
-        self, db: Database, notifier: LogNotifier, settings: Settings, metrics: Metrics,
+        self,
+        db: Database,
+        notifier: LogNotifier,
+        settings: Settings,
+        metrics: Metrics,
         routers: list[Router] | None = None,
     ):
         self.db = db
@@ -45,6 +46,7 @@ class Pipeline:
         self.metrics = metrics
         self.routers = list(routers or [])
         self.batch_size = settings.pipeline_batch_size
+        self.sql = FastSql(db.dialect)
         self._lock = asyncio.Lock()
         self._progress = asyncio.Condition()
         self._positions: dict[str, int] = {}
@@ -80,7 +82,9 @@ class Pipeline:
         total = 0
         async with self._lock:
             async with self.db.read() as conn:
-                ws_ids = [r[0] for r in await conn.execute(sa.select(workspaces.c.id).order_by(workspaces.c.id))]
+                ws_ids = [
+                    r[0] for r in await conn.execute(sa.select(workspaces.c.id).order_by(workspaces.c.id))
+                ]
             for ws_id in ws_ids:
                 total += await self._process_batch(ws_id)
         return total
@@ -101,22 +105,24 @@ class Pipeline:
         async with self.db.write() as conn:
             await self.db.lock_workspace(conn, ws_id, CONSUMER)
             position = await self._cursor(conn, ws_id)
+            sql = self.sql
             rows = (
-                await conn.execute(
-                    sa.select(*_EVENT_COLUMNS)
-                    .where(events.c.workspace_id == ws_id, events.c.seq > position)
-                    .order_by(events.c.seq)
-                    .limit(self.batch_size)
+                await conn.exec_driver_sql(
+                    f"SELECT {EVENT_COLUMNS} FROM events WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} "
+                    f"ORDER BY seq LIMIT {sql.p(3)}",
+                    (ws_id, position, self.batch_size),
                 )
             ).all()
             if not rows:
                 self._positions[ws_id] = position
                 return 0
-            logged = [logged_from_row(r) for r in rows]
+            logged = [logged_from_tuple(r) for r in rows]
             now = now_ms()
             batch = ProfileBatch(self.db, conn, ws_id, region, now)
             has_suppressions = (
-                await conn.execute(sa.select(suppressions.c.hash).where(suppressions.c.workspace_id == ws_id).limit(1))
+                await conn.execute(
+                    sa.select(suppressions.c.hash).where(suppressions.c.workspace_id == ws_id).limit(1)
+                )
             ).first() is not None
             items = await batch.load(logged, has_suppressions)
             batch.process(items)
@@ -125,7 +131,7 @@ class Pipeline:
                 await append(self.db, conn, batch.derived)
             for router in self.routers:
                 await router(conn, ws_id, routed)
-            new_position = rows[-1].seq
+            new_position = rows[-1][0]
             await self._save_cursor(conn, ws_id, new_position, now)
         dropped = len(logged) - len(routed)
         self.metrics.events_processed.inc(len(routed))
@@ -137,7 +143,12 @@ class Pipeline:
             self.metrics.conflicts.inc(batch.conflicts)
         if batch.derived:
             self.notifier.notify()
-        log.debug("pipeline_batch", workspace=ws_id, events=len(rows), ms=round((time.perf_counter() - started) * 1000, 1))
+        log.debug(
+            "pipeline_batch",
+            workspace=ws_id,
+            events=len(rows),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
         async with self._progress:
             self._positions[ws_id] = new_position
             self._progress.notify_all()
@@ -167,7 +178,9 @@ class Pipeline:
         if cached and cached[0] > time.monotonic():
             return cached[1]
         async with self.db.read() as conn:
-            row = (await conn.execute(sa.select(workspaces.c.settings).where(workspaces.c.id == ws_id))).first()
+            row = (
+                await conn.execute(sa.select(workspaces.c.settings).where(workspaces.c.id == ws_id))
+            ).first()
         region = str((row[0] if row else {}).get("default_region", "US"))
         self._regions[ws_id] = (time.monotonic() + 30.0, region)
         return region
@@ -185,7 +198,10 @@ class Pipeline:
                 sa.select(workspaces.c.id, sa.func.coalesce(consumer_cursors.c.position, 0)).select_from(
                     workspaces.outerjoin(
                         consumer_cursors,
-                        sa.and_(consumer_cursors.c.workspace_id == workspaces.c.id, consumer_cursors.c.consumer == CONSUMER),
+                        sa.and_(
+                            consumer_cursors.c.workspace_id == workspaces.c.id,
+                            consumer_cursors.c.consumer == CONSUMER,
+                        ),
                     )
                 )
             )
@@ -193,7 +209,9 @@ class Pipeline:
             for ws_id, position in rows.all():
                 total += (
                     await conn.execute(
-                        sa.select(sa.func.count()).where(events.c.workspace_id == ws_id, events.c.seq > position)
+                        sa.select(sa.func.count()).where(
+                            events.c.workspace_id == ws_id, events.c.seq > position
+                        )
                     )
                 ).scalar_one()
         self.metrics.pipeline_lag.set(total)

@@ -10,10 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from mayak.db.fastsql import dump_json, load_json
 from mayak.pipeline import context as ctx
 from mayak.timeutil import ms_to_rfc3339
 
 RESERVED_TRAITS = ("consents", "preferences")
+PROFILE_COLUMNS = (
+    "id, merged_into, identified, traits, trait_times, context, consents, preferences, stage, stage_at, "
+    "first_seen, last_seen, created_at, updated_at"
+)
+JSON_POSITIONS = (3, 4, 5, 6, 7)  # 0-based positions of JSON columns in PROFILE_COLUMNS
 MAX_GROUPS = 50
 Stamp = list[int]  # [event ms, seq]
 
@@ -166,6 +172,44 @@ class Profile:
             first_seen=row.first_seen,
             last_seen=row.last_seen,
             merged_into=row.merged_into,
+        )
+
+    @classmethod
+    def from_tuple(cls, row: Any) -> Profile:
+        """From a driver-level row in PROFILE_COLUMNS order."""
+        return cls(
+            id=row[0],
+            merged_into=row[1],
+            identified=bool(row[2]),
+            traits=load_json(row[3]),
+            times=load_json(row[4]),
+            context=load_json(row[5]),
+            consents=load_json(row[6]),
+            preferences=load_json(row[7]),
+            stage=row[8],
+            stage_at=row[9],
+            first_seen=row[10],
+            last_seen=row[11],
+            created_at=row[12],
+        )
+
+    def to_tuple(self, now: int) -> tuple[Any, ...]:
+        """Driver-level values in PROFILE_COLUMNS order (JSON columns as text)."""
+        return (
+            self.id,
+            self.merged_into,
+            self.identified,
+            dump_json(self.traits),
+            dump_json(self.times),
+            dump_json(self.context),
+            dump_json(self.consents),
+            dump_json(self.preferences),
+            self.stage,
+            self.stage_at,
+            self.first_seen,
+            self.last_seen,
+            self.created_at,
+            now,
         )
 
     def to_row(self, workspace_id: str, now: int) -> dict[str, Any]:
