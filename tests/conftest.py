@@ -47,7 +47,9 @@ async def fresh_database(backend: str, tmp_path: Any) -> Database:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "backend" in metafunc.fixturenames:
-        backends = ["sqlite", "postgres"] if metafunc.definition.get_closest_marker("contract") else ["sqlite"]
+        backends = (
+            ["sqlite", "postgres"] if metafunc.definition.get_closest_marker("contract") else ["sqlite"]
+        )
         metafunc.parametrize("backend", backends, indirect=False)
 
 

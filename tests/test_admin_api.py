@@ -25,14 +25,20 @@ async def test_admin_changes_are_events_with_actor(client, mayak: Mayak, ws) -> 
     assert r.json()["traits"]["plan"] == "vip"
     r = await client.put(f"/v1/customers/{cid}/stage", json={"stage": "buyer"}, headers=admin(ws))
     assert r.status_code == 200 and r.json()["stage"] == "buyer"
-    r = await client.patch(f"/v1/customers/{cid}/consents", json={"consents": {"sms": {"marketing": False}}},
-                           headers=admin(ws))
+    r = await client.patch(
+        f"/v1/customers/{cid}/consents", json={"consents": {"sms": {"marketing": False}}}, headers=admin(ws)
+    )
     assert r.json()["consents"]["sms"]["marketing"]["granted"] is False
     assert r.json()["consents"]["sms"]["marketing"]["source"] == f"admin:{ws['secret_key_id']}"
-    r = await client.patch(f"/v1/customers/{cid}/preferences", json={"preferences": {"preferred_channel": "sms"}},
-                           headers=admin(ws))
+    r = await client.patch(
+        f"/v1/customers/{cid}/preferences",
+        json={"preferences": {"preferred_channel": "sms"}},
+        headers=admin(ws),
+    )
     assert r.json()["preferences"] == {"preferred_channel": "sms"}
-    r = await client.get(f"/v1/customers/{cid}/events", params={"type": "customer.stage_set"}, headers=admin(ws))
+    r = await client.get(
+        f"/v1/customers/{cid}/events", params={"type": "customer.stage_set"}, headers=admin(ws)
+    )
     (stage_event,) = r.json()["items"]
     assert stage_event["actor"] == ws["secret_key_id"] and stage_event["source"] == "admin"
 
@@ -46,11 +52,21 @@ async def test_unknown_stage_is_rejected(client, mayak: Mayak, ws) -> None:
 
 
 async def test_list_filters_and_cursor_pagination(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, *[
-        {"type": "identify", "userId": f"u{i}", "traits": {"plan": "pro" if i % 2 else "free",
-                                                           **({"email": f"p{i}@example.com"} if i < 3 else {})}}
-        for i in range(7)
-    ])
+    await send(
+        client,
+        ws,
+        *[
+            {
+                "type": "identify",
+                "userId": f"u{i}",
+                "traits": {
+                    "plan": "pro" if i % 2 else "free",
+                    **({"email": f"p{i}@example.com"} if i < 3 else {}),
+                },
+            }
+            for i in range(7)
+        ],
+    )
     await mayak.drain()
     seen: list[str] = []
     cursor = None
@@ -76,27 +92,46 @@ async def test_list_filters_and_cursor_pagination(client, mayak: Mayak, ws) -> N
 
 
 async def test_event_list_filters(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, *[
-        {"type": "track", "userId": "u1", "event": "Car Purchased" if i == 3 else "Page Viewed",
-         "timestamp": f"2026-01-0{i + 1}T00:00:00Z"} for i in range(5)
-    ])
+    await send(
+        client,
+        ws,
+        *[
+            {
+                "type": "track",
+                "userId": "u1",
+                "event": "Car Purchased" if i == 3 else "Page Viewed",
+                "timestamp": f"2026-01-0{i + 1}T00:00:00Z",
+            }
+            for i in range(5)
+        ],
+    )
     await mayak.drain()
     cid = (await by_identity(client, ws, "user_id:u1"))["id"]
     r = await client.get(f"/v1/customers/{cid}/events", params={"name": "Car Purchased"}, headers=admin(ws))
     assert [e["name"] for e in r.json()["items"]] == ["Car Purchased"]
-    r = await client.get(f"/v1/customers/{cid}/events",
-                         params={"since": "2026-01-02T00:00:00Z", "until": "2026-01-04T00:00:00Z"}, headers=admin(ws))
+    r = await client.get(
+        f"/v1/customers/{cid}/events",
+        params={"since": "2026-01-02T00:00:00Z", "until": "2026-01-04T00:00:00Z"},
+        headers=admin(ws),
+    )
     assert len(r.json()["items"]) == 2
     r1 = await client.get(f"/v1/customers/{cid}/events", params={"limit": 3}, headers=admin(ws))
-    r2 = await client.get(f"/v1/customers/{cid}/events", params={"limit": 3, "cursor": r1.json()["next_cursor"]},
-                          headers=admin(ws))
+    r2 = await client.get(
+        f"/v1/customers/{cid}/events",
+        params={"limit": 3, "cursor": r1.json()["next_cursor"]},
+        headers=admin(ws),
+    )
     ids = [e["id"] for e in r1.json()["items"] + r2.json()["items"]]
     assert len(ids) == 5 == len(set(ids)) and r2.json()["next_cursor"] is None
 
 
 async def test_export_returns_everything_held(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "page", "anonymousId": "a1"},
-               {"type": "identify", "anonymousId": "a1", "userId": "u1", "traits": {"email": "x@example.com"}})
+    await send(
+        client,
+        ws,
+        {"type": "page", "anonymousId": "a1"},
+        {"type": "identify", "anonymousId": "a1", "userId": "u1", "traits": {"email": "x@example.com"}},
+    )
     await mayak.drain()
     cid = (await by_identity(client, ws, "user_id:u1"))["id"]
     r = await client.get(f"/v1/customers/{cid}/export", headers=admin(ws))
@@ -107,9 +142,12 @@ async def test_export_returns_everything_held(client, mayak: Mayak, ws) -> None:
 
 
 async def test_erase_removes_person_and_drops_their_later_events(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "identify", "userId": "gone", "anonymousId": "ag",
-                            "traits": {"email": "gone@example.com"}},
-               {"type": "identify", "userId": "stays", "traits": {"email": "stays@example.com"}})
+    await send(
+        client,
+        ws,
+        {"type": "identify", "userId": "gone", "anonymousId": "ag", "traits": {"email": "gone@example.com"}},
+        {"type": "identify", "userId": "stays", "traits": {"email": "stays@example.com"}},
+    )
     await mayak.drain()
     cid = (await by_identity(client, ws, "user_id:gone"))["id"]
     r = await client.delete(f"/v1/customers/{cid}", headers=admin(ws))
@@ -119,9 +157,13 @@ async def test_erase_removes_person_and_drops_their_later_events(client, mayak: 
     r = await client.get("/v1/customers", params={"identity": "email:gone@example.com"}, headers=admin(ws))
     assert r.status_code == 404
     # Later events naming any of the person's identifiers are dropped, whatever id they use.
-    await send(client, ws, {"type": "track", "anonymousId": "ag", "event": "Came Back"},
-               {"type": "identify", "userId": "new-id", "traits": {"email": "gone@example.com"}},
-               {"type": "track", "userId": "stays", "event": "Still Here"})
+    await send(
+        client,
+        ws,
+        {"type": "track", "anonymousId": "ag", "event": "Came Back"},
+        {"type": "identify", "userId": "new-id", "traits": {"email": "gone@example.com"}},
+        {"type": "track", "userId": "stays", "event": "Still Here"},
+    )
     await mayak.drain()
     for identity in ("user_id:gone", "anonymous_id:ag", "email:gone@example.com", "user_id:new-id"):
         r = await client.get("/v1/customers", params={"identity": identity}, headers=admin(ws))
@@ -138,22 +180,34 @@ async def test_erase_removes_person_and_drops_their_later_events(client, mayak: 
 
 
 async def test_replay_rebuilds_the_same_profiles(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "page", "anonymousId": "a1"},
-               {"type": "identify", "userId": "u1", "traits": {"email": "m@example.com", "plan": "pro"}},
-               {"type": "identify", "anonymousId": "a1", "traits": {"email": "m@example.com"}},
-               {"type": "identify", "userId": "u2", "traits": {"email": "m@example.com"}})
+    await send(
+        client,
+        ws,
+        {"type": "page", "anonymousId": "a1"},
+        {"type": "identify", "userId": "u1", "traits": {"email": "m@example.com", "plan": "pro"}},
+        {"type": "identify", "anonymousId": "a1", "traits": {"email": "m@example.com"}},
+        {"type": "identify", "userId": "u2", "traits": {"email": "m@example.com"}},
+    )
     await mayak.drain()
     cid = (await by_identity(client, ws, "user_id:u1"))["id"]
     await client.put(f"/v1/customers/{cid}/stage", json={"stage": "loyal"}, headers=admin(ws))
     before = await by_identity(client, ws, "user_id:u1")
     async with mayak.db.read() as conn:
-        idents_before = sorted(tuple(r) for r in await conn.execute(sa.select(identities.c.kind, identities.c.value,
-                                                                              identities.c.customer_id)))
+        idents_before = sorted(
+            tuple(r)
+            for r in await conn.execute(
+                sa.select(identities.c.kind, identities.c.value, identities.c.customer_id)
+            )
+        )
     await mayak.customers.replay(ws["id"])
     after = await by_identity(client, ws, "user_id:u1")
     async with mayak.db.read() as conn:
-        idents_after = sorted(tuple(r) for r in await conn.execute(sa.select(identities.c.kind, identities.c.value,
-                                                                             identities.c.customer_id)))
+        idents_after = sorted(
+            tuple(r)
+            for r in await conn.execute(
+                sa.select(identities.c.kind, identities.c.value, identities.c.customer_id)
+            )
+        )
     assert idents_after == idents_before
     for field in ("id", "traits", "stage", "merged_ids", "consents"):
         assert after[field] == before[field], field
@@ -178,13 +232,23 @@ async def test_openapi_is_3_1_and_lists_the_api(client) -> None:
     r = await client.get("/openapi.json")
     spec = r.json()
     assert spec["openapi"].startswith("3.1")
-    for path in ("/v1/batch", "/v1/identify", "/v1/customers", "/v1/customers/{customer_id}/export", "/healthz"):
+    for path in (
+        "/v1/batch",
+        "/v1/identify",
+        "/v1/customers",
+        "/v1/customers/{customer_id}/export",
+        "/healthz",
+    ):
         assert path in spec["paths"], path
 
 
 async def test_metrics_and_health(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "track", "userId": "u1", "event": "X", "messageId": "m1"},
-               {"type": "track", "userId": "u1", "event": "X", "messageId": "m1"})
+    await send(
+        client,
+        ws,
+        {"type": "track", "userId": "u1", "event": "X", "messageId": "m1"},
+        {"type": "track", "userId": "u1", "event": "X", "messageId": "m1"},
+    )
     r = await client.get("/metrics")
     text = r.text
     assert "mayak_events_accepted_total 1.0" in text

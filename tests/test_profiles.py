@@ -30,7 +30,9 @@ async def test_anonymous_visitor_becomes_identified_in_place(client, mayak: Maya
     await mayak.drain()
     anon = await by_identity(client, ws, "anonymous_id:a1")
     assert anon["identified"] is False
-    await send(client, ws, {"type": "identify", "anonymousId": "a1", "userId": "u1", "traits": {"name": "Ann"}})
+    await send(
+        client, ws, {"type": "identify", "anonymousId": "a1", "userId": "u1", "traits": {"name": "Ann"}}
+    )
     await mayak.drain()
     known = await by_identity(client, ws, "user_id:u1")
     assert known["id"] == anon["id"]
@@ -39,10 +41,15 @@ async def test_anonymous_visitor_becomes_identified_in_place(client, mayak: Maya
 
 
 async def test_anonymous_profile_merges_into_identified_person_by_email(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "identify", "userId": "u1", "traits": {"email": "ann@example.com", "plan": "pro"}})
+    await send(
+        client,
+        ws,
+        {"type": "identify", "userId": "u1", "traits": {"email": "ann@example.com", "plan": "pro"}},
+    )
     await mayak.drain()
     await send(
-        client, ws,
+        client,
+        ws,
         {"type": "track", "anonymousId": "a9", "event": "Viewed Car"},
         {"type": "identify", "anonymousId": "a9", "traits": {"email": "ANN@example.com ", "city": "Leeds"}},
     )
@@ -67,7 +74,11 @@ async def test_anonymous_profile_merges_into_identified_person_by_email(client, 
 async def test_two_identified_people_are_never_merged(client, mayak: Mayak, ws) -> None:
     await send(client, ws, {"type": "identify", "userId": "u1", "traits": {"email": "shared@example.com"}})
     await mayak.drain()
-    await send(client, ws, {"type": "identify", "userId": "u2", "traits": {"email": "shared@example.com", "name": "Bo"}})
+    await send(
+        client,
+        ws,
+        {"type": "identify", "userId": "u2", "traits": {"email": "shared@example.com", "name": "Bo"}},
+    )
     await mayak.drain()
     one = await by_identity(client, ws, "user_id:u1")
     two = await by_identity(client, ws, "user_id:u2")
@@ -75,7 +86,9 @@ async def test_two_identified_people_are_never_merged(client, mayak: Mayak, ws) 
     assert ("email", "shared@example.com") in {(i["kind"], i["value"]) for i in one["identities"]}
     assert "email" not in {i["kind"] for i in two["identities"]}
     assert two["traits"]["name"] == "Bo"  # the event went to the profile its userId names
-    r = await client.get(f"/v1/customers/{two['id']}/events", params={"type": "identity.conflict"}, headers=admin(ws))
+    r = await client.get(
+        f"/v1/customers/{two['id']}/events", params={"type": "identity.conflict"}, headers=admin(ws)
+    )
     conflicts = r.json()["items"]
     assert len(conflicts) == 1
     assert conflicts[0]["payload"]["held_by"] == one["id"]
@@ -92,11 +105,27 @@ async def test_alias_links_previous_anonymous_id(client, mayak: Mayak, ws) -> No
 
 
 async def test_late_older_event_does_not_overwrite_newer_trait(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "identify", "userId": "u1", "timestamp": "2026-01-02T00:00:00Z",
-                            "traits": {"plan": "gold", "city": "Leeds"}})
+    await send(
+        client,
+        ws,
+        {
+            "type": "identify",
+            "userId": "u1",
+            "timestamp": "2026-01-02T00:00:00Z",
+            "traits": {"plan": "gold", "city": "Leeds"},
+        },
+    )
     await mayak.drain()
-    await send(client, ws, {"type": "identify", "userId": "u1", "timestamp": "2026-01-01T00:00:00Z",
-                            "traits": {"plan": "silver", "age": 40}})
+    await send(
+        client,
+        ws,
+        {
+            "type": "identify",
+            "userId": "u1",
+            "timestamp": "2026-01-01T00:00:00Z",
+            "traits": {"plan": "silver", "age": 40},
+        },
+    )
     await mayak.drain()
     person = await by_identity(client, ws, "user_id:u1")
     assert person["traits"] == {"plan": "gold", "city": "Leeds", "age": 40}
@@ -107,7 +136,8 @@ async def test_late_older_event_does_not_overwrite_newer_trait(client, mayak: Ma
 async def test_same_time_ties_break_by_log_order(client, mayak: Mayak, ws) -> None:
     ts = "2026-03-01T10:00:00Z"
     await send(
-        client, ws,
+        client,
+        ws,
         {"type": "identify", "userId": "u1", "timestamp": ts, "traits": {"plan": "a"}},
         {"type": "identify", "userId": "u1", "timestamp": ts, "traits": {"plan": "b"}},
     )
@@ -124,9 +154,18 @@ async def test_phone_normalised_with_workspace_region(client, mayak: Mayak, ws) 
 
 
 async def test_external_ids_become_identities(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "track", "userId": "u1", "event": "Chat Started",
-                            "context": {"externalIds": [{"id": "123456", "type": "telegram"},
-                                                        {"id": "CRM-9", "type": "crm_id"}]}})
+    await send(
+        client,
+        ws,
+        {
+            "type": "track",
+            "userId": "u1",
+            "event": "Chat Started",
+            "context": {
+                "externalIds": [{"id": "123456", "type": "telegram"}, {"id": "CRM-9", "type": "crm_id"}]
+            },
+        },
+    )
     await mayak.drain()
     person = await by_identity(client, ws, "telegram:123456")
     assert (await by_identity(client, ws, "crm_id:CRM-9"))["id"] == person["id"]
@@ -136,7 +175,8 @@ async def test_external_ids_become_identities(client, mayak: Mayak, ws) -> None:
 async def test_context_is_derived(client, mayak: Mayak, ws) -> None:
     ctx = {
         "userAgent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) Mobile/15E148",
-        "timezone": "Europe/London", "locale": "en-GB",
+        "timezone": "Europe/London",
+        "locale": "en-GB",
         "location": {"city": "Leeds", "country": "GB"},
     }
     await send(client, ws, {"type": "page", "userId": "u1", "name": "Home", "context": ctx})
@@ -158,9 +198,19 @@ async def test_feature_phone_user_agent(client, mayak: Mayak, ws) -> None:
 
 
 async def test_consents_and_preferences_by_trait_convention(client, mayak: Mayak, ws) -> None:
-    await send(client, ws, {"type": "identify", "userId": "u1", "timestamp": "2026-02-01T00:00:00Z",
-                            "traits": {"consents": {"email": {"marketing": True, "service": True}},
-                                       "preferences": {"language": "ru", "quiet_hours": {"start": "22:00", "end": "08:00"}}}})
+    await send(
+        client,
+        ws,
+        {
+            "type": "identify",
+            "userId": "u1",
+            "timestamp": "2026-02-01T00:00:00Z",
+            "traits": {
+                "consents": {"email": {"marketing": True, "service": True}},
+                "preferences": {"language": "ru", "quiet_hours": {"start": "22:00", "end": "08:00"}},
+            },
+        },
+    )
     await mayak.drain()
     person = await by_identity(client, ws, "user_id:u1")
     assert "consents" not in person["traits"]
@@ -171,7 +221,10 @@ async def test_consents_and_preferences_by_trait_convention(client, mayak: Mayak
 
 
 async def test_bad_consent_convention_is_rejected_with_path(client, ws) -> None:
-    r = await client.post("/v1/identify", auth=write_auth(ws),
-                          json={"userId": "u1", "traits": {"consents": {"email": {"ads": True}}}})
+    r = await client.post(
+        "/v1/identify",
+        auth=write_auth(ws),
+        json={"userId": "u1", "traits": {"consents": {"email": {"ads": True}}}},
+    )
     assert r.status_code == 400
     assert r.json()["param"] == "$.traits.consents.email.ads"

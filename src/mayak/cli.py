@@ -21,7 +21,9 @@ from mayak.db.migrate import upgrade_async
 from mayak.errors import EventRejected, MayakError
 from mayak.platform import Mayak
 
-app = typer.Typer(help="Mayak: connected customer-experience platform.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Mayak: connected customer-experience platform.", no_args_is_help=True, add_completion=False
+)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 workspace_app = typer.Typer(help="Workspaces.", no_args_is_help=True)
 key_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -76,7 +78,9 @@ def workspace_create(
         _print_json({"id": ws["id"], "write_key": ws["write_key"], "secret_key": ws["secret_key"]})
     else:
         console.print(f"workspace [bold]{ws['id']}[/bold] {name}")
-        console.print(f"write key:  {ws['write_key']}\nsecret key: {ws['secret_key']}  (shown once; store it)")
+        console.print(
+            f"write key:  {ws['write_key']}\nsecret key: {ws['secret_key']}  (shown once; store it)"
+        )
 
 
 @key_app.command("create")
@@ -102,7 +106,9 @@ def key_revoke(key_id: str) -> None:
 
 @import_app.command("events")
 def import_events(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSON Lines: one Segment event per line"),
+    path: Path = typer.Argument(
+        ..., exists=True, dir_okay=False, help="JSON Lines: one Segment event per line"
+    ),
     workspace: str = typer.Option(..., "--workspace"),
     chunk: int = typer.Option(1000, help="Events per transaction"),
 ) -> None:
@@ -126,13 +132,24 @@ def import_events(
                     try:
                         raw = orjson.loads(line)
                         batch.append(
-                            normalise_event(raw, workspace_id=workspace, received_at=now_ms(), batch_sent_at=None,
-                                            forced_type=None, actor="import", max_event_bytes=m.settings.max_event_bytes,
-                                            max_depth=m.settings.max_json_depth)
+                            normalise_event(
+                                raw,
+                                workspace_id=workspace,
+                                received_at=now_ms(),
+                                batch_sent_at=None,
+                                forced_type=None,
+                                actor="import",
+                                max_event_bytes=m.settings.max_event_bytes,
+                                max_depth=m.settings.max_json_depth,
+                            )
                         )
                     except (orjson.JSONDecodeError, EventRejected) as exc:
                         rejected += 1
-                        reason = exc.code + " at " + str(exc.param) if isinstance(exc, EventRejected) else "invalid JSON"
+                        reason = (
+                            exc.code + " at " + str(exc.param)
+                            if isinstance(exc, EventRejected)
+                            else "invalid JSON"
+                        )
                         console.print(f"line {lineno}: {reason}")
                     if len(batch) >= chunk:
                         res = await m.writer.submit(batch)
@@ -195,9 +212,18 @@ async def ensure_demo(m: Mayak, customers: int) -> dict[str, Any]:
             owners = dict(rows.all())
         now = now_ms()
         stage_events = [
-            NewEvent(workspace_id=ws["id"], type="customer.stage_set", timestamp=now, received_at=now,
-                     payload={"stage": stage}, source="admin", actor="demo", customer_id=owners[uid])
-            for uid, stage in stages.items() if uid in owners
+            NewEvent(
+                workspace_id=ws["id"],
+                type="customer.stage_set",
+                timestamp=now,
+                received_at=now,
+                payload={"stage": stage},
+                source="admin",
+                actor="demo",
+                customer_id=owners[uid],
+            )
+            for uid, stage in stages.items()
+            if uid in owners
         ]
         await m.writer.submit(stage_events)
         await m.pipeline.run_until_idle()
@@ -253,13 +279,22 @@ def serve(
     settings = Settings.from_env()
     logs.configure(settings.log_level)
     if settings.secret_key is None and settings.sqlite_path() is not None:
-        console.print("[yellow]MAYAK_SECRET_KEY is not set: secrets are encrypted with a key file in the data folder[/]")
+        console.print(
+            "[yellow]MAYAK_SECRET_KEY is not set: secrets are encrypted with a key file in the data folder[/]"
+        )
     asyncio.run(upgrade_async(settings.database_url))
     mayak_obj = Mayak(settings)
     application = create_app(mayak_obj, workers=workers)
     config = uvicorn.Config(
-        application, host=host or settings.host, port=port or settings.port, loop="uvloop", http="httptools",
-        access_log=False, log_config=None, lifespan="on", timeout_graceful_shutdown=5,
+        application,
+        host=host or settings.host,
+        port=port or settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
     )
     console.print(f"serving on http://{host or settings.host}:{port or settings.port}")
     uvicorn.Server(config).run()

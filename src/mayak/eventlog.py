@@ -10,15 +10,16 @@ SQLite has one writer; on PostgreSQL every append holds the workspace's advisory
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
+from mayak.db.fastsql import FastSql, dump_json
 from mayak.db.schema import dedup_keys, events
 from mayak.ids import new_ids
 from mayak.timeutil import now_ms
@@ -58,10 +59,8 @@ class LogNotifier:
         self._event.set()
 
     async def wait(self, timeout: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
-        except TimeoutError:
-            pass
         self._event.clear()
 
 
@@ -79,19 +78,19 @@ async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent])
     for i, ev in enumerate(batch):
         by_ws.setdefault(ev.workspace_id, []).append(i)
     keep: list[int] = []
+    sql = FastSql(db.dialect)
     for ws_id, idxs in by_ws.items():
         await db.lock_workspace(conn, ws_id, APPEND_LOCK)
         keyed = [i for i in idxs if batch[i].dedup_key is not None]
         seen: set[str] = set()
         if keyed:
             keys = list({batch[i].dedup_key for i in keyed})  # type: ignore[misc]
-            for chunk_start in range(0, len(keys), 500):
-                chunk = keys[chunk_start : chunk_start + 500]
-                rows = await conn.execute(
-                    sa.select(dedup_keys.c.key).where(dedup_keys.c.workspace_id == ws_id, dedup_keys.c.key.in_(chunk))
-                )
-                seen.update(r[0] for r in rows)
-        fresh_keys: list[dict[str, Any]] = []
+            rows = await conn.exec_driver_sql(
+                f"SELECT key FROM dedup_keys WHERE workspace_id = {sql.p(1)} AND key {sql.in_list(2)}",
+                (ws_id, sql.list_param(keys)),
+            )
+            seen.update(r[0] for r in rows)
+        fresh_keys: list[tuple[str, str, int]] = []
         for i in idxs:
             key = batch[i].dedup_key
             if key is not None:
@@ -99,10 +98,14 @@ async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent])
                     result.duplicate_flags[i] = True
                     continue
                 seen.add(key)
-                fresh_keys.append({"workspace_id": ws_id, "key": key, "seen_at": now})
+                fresh_keys.append((ws_id, key, now))
             keep.append(i)
         if fresh_keys:
-            await conn.execute(db.insert(dedup_keys).on_conflict_do_nothing(), fresh_keys)
+            await conn.exec_driver_sql(
+                f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.values(3)}) "
+                "ON CONFLICT DO NOTHING",
+                fresh_keys,
+            )
     result.duplicates = len(batch) - len(keep)
     if keep:
         ids = new_ids("evt", len(keep))
@@ -112,20 +115,24 @@ async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent])
             ev.id = evt_id
             ev.payload["messageId"] = ev.payload.get("messageId") or evt_id
             rows.append(
-                {
-                    "id": evt_id,
-                    "workspace_id": ev.workspace_id,
-                    "type": ev.type,
-                    "name": ev.name,
-                    "customer_id": ev.customer_id,
-                    "timestamp": ev.timestamp,
-                    "received_at": ev.received_at or now,
-                    "source": ev.source,
-                    "actor": ev.actor,
-                    "payload": orjson.dumps(ev.payload).decode(),
-                }
+                (
+                    evt_id,
+                    ev.workspace_id,
+                    ev.type,
+                    ev.name,
+                    ev.customer_id,
+                    ev.timestamp,
+                    ev.received_at or now,
+                    ev.source,
+                    ev.actor,
+                    dump_json(ev.payload),
+                )
             )
-        await conn.execute(events.insert(), rows)
+        await conn.exec_driver_sql(
+            "INSERT INTO events (id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
+            f"actor, payload) VALUES ({sql.values(10)})",
+            rows,
+        )
     result.accepted = len(keep)
     return result
 
@@ -138,7 +145,9 @@ async def prune_dedup_keys(db: Database, window_days: int) -> int:
 
 
 async def last_seq(conn: AsyncConnection, ws_id: str) -> int:
-    row = (await conn.execute(sa.select(sa.func.max(events.c.seq)).where(events.c.workspace_id == ws_id))).first()
+    row = (
+        await conn.execute(sa.select(sa.func.max(events.c.seq)).where(events.c.workspace_id == ws_id))
+    ).first()
     return int(row[0] or 0) if row else 0
 
 

@@ -16,19 +16,30 @@ class Metrics:
         self.events_deduplicated = Counter(
             "mayak_events_deduplicated", "Events dropped as duplicates of an earlier messageId", registry=r
         )
-        self.events_processed = Counter("mayak_events_processed", "Events processed by the pipeline", registry=r)
+        self.events_processed = Counter(
+            "mayak_events_processed", "Events processed by the pipeline", registry=r
+        )
         self.events_suppressed = Counter(
             "mayak_events_suppressed", "Events dropped because their person was erased", registry=r
         )
-        self.pipeline_lag = Gauge("mayak_pipeline_lag_events", "Events in the log not yet processed", registry=r)
+        self.pipeline_lag = Gauge(
+            "mayak_pipeline_lag_events", "Events in the log not yet processed", registry=r
+        )
         self.outbox_depth = Gauge("mayak_outbox_depth", "Outbox rows not yet delivered or dead", registry=r)
-        self.outbox_delivered = Counter("mayak_outbox_delivered", "Outbox rows delivered", ["kind"], registry=r)
-        self.outbox_failed = Counter("mayak_outbox_attempts_failed", "Failed delivery attempts", ["kind"], registry=r)
+        self.outbox_delivered = Counter(
+            "mayak_outbox_delivered", "Outbox rows delivered", ["kind"], registry=r
+        )
+        self.outbox_failed = Counter(
+            "mayak_outbox_attempts_failed", "Failed delivery attempts", ["kind"], registry=r
+        )
         self.outbox_dead = Counter("mayak_outbox_dead", "Outbox rows dead-lettered", ["kind"], registry=r)
         self.timers_fired = Counter("mayak_timers_fired", "Durable timers fired", registry=r)
         self.merges = Counter("mayak_customers_merged", "Customer merges", registry=r)
         self.conflicts = Counter("mayak_identity_conflicts", "Identity conflicts recorded", registry=r)
         self.request_seconds = Histogram(
-            "mayak_http_request_seconds", "HTTP request latency", ["route"], registry=r,
+            "mayak_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )

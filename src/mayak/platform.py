@@ -54,7 +54,9 @@ class Mayak:
         self.outbox = OutboxDispatcher(self.db, settings, self.metrics)
         self.outbox.register("webhook", self.destinations.deliver)
         self.timers = TimerWorker(self.db, self.notifier, self.metrics)
-        self.pipeline = Pipeline(self.db, self.notifier, settings, self.metrics, routers=[self.destinations.route])
+        self.pipeline = Pipeline(
+            self.db, self.notifier, settings, self.metrics, routers=[self.destinations.route]
+        )
         self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()

@@ -16,7 +16,9 @@ router = APIRouter(tags=["customers"])
 
 
 class TraitsBody(BaseModel):
-    traits: dict[str, Any] = Field(description="Traits to set; `consents` and `preferences` are reserved keys")
+    traits: dict[str, Any] = Field(
+        description="Traits to set; `consents` and `preferences` are reserved keys"
+    )
 
 
 class ConsentsBody(BaseModel):
@@ -57,13 +59,20 @@ async def list_customers(
     if identity is not None:
         return json_response(await customers.find_by_identity(key.workspace_id, identity))
     page = await customers.list(
-        key.workspace_id, trait=trait, stage=stage, seen_since=seen_since, identity_kind=identity_kind,
-        cursor=cursor, limit=limit,
+        key.workspace_id,
+        trait=trait,
+        stage=stage,
+        seen_since=seen_since,
+        identity_kind=identity_kind,
+        cursor=cursor,
+        limit=limit,
     )
     return json_response(page)
 
 
-@router.get("/v1/customers/{customer_id}", summary="One customer (a merged-away id answers with its survivor)")
+@router.get(
+    "/v1/customers/{customer_id}", summary="One customer (a merged-away id answers with its survivor)"
+)
 async def get_customer(customer_id: str, request: Request, key: ApiKey = Depends(require_secret)) -> Response:
     return json_response(await get_mayak(request).customers.get(key.workspace_id, customer_id))
 
@@ -81,14 +90,25 @@ async def customer_events(
     key: ApiKey = Depends(require_secret),
 ) -> Response:
     page = await get_mayak(request).customers.list_events(
-        key.workspace_id, customer_id, type=type, name=name, since=since, until=until, cursor=cursor, limit=limit
+        key.workspace_id,
+        customer_id,
+        type=type,
+        name=name,
+        since=since,
+        until=until,
+        cursor=cursor,
+        limit=limit,
     )
     return json_response(page)
 
 
 @router.patch("/v1/customers/{customer_id}/traits", summary="Set traits (recorded as an event)")
-async def set_traits(customer_id: str, body: TraitsBody, request: Request, key: ApiKey = Depends(require_secret)) -> Response:
-    return json_response(await get_mayak(request).customers.set_traits(key.workspace_id, customer_id, body.traits, key.id))
+async def set_traits(
+    customer_id: str, body: TraitsBody, request: Request, key: ApiKey = Depends(require_secret)
+) -> Response:
+    return json_response(
+        await get_mayak(request).customers.set_traits(key.workspace_id, customer_id, body.traits, key.id)
+    )
 
 
 @router.patch("/v1/customers/{customer_id}/consents", summary="Grant or withdraw consents")
@@ -105,22 +125,32 @@ async def set_preferences(
     customer_id: str, body: PreferencesBody, request: Request, key: ApiKey = Depends(require_secret)
 ) -> Response:
     return json_response(
-        await get_mayak(request).customers.set_preferences(key.workspace_id, customer_id, body.preferences, key.id)
+        await get_mayak(request).customers.set_preferences(
+            key.workspace_id, customer_id, body.preferences, key.id
+        )
     )
 
 
 @router.put("/v1/customers/{customer_id}/stage", summary="Set the journey stage")
-async def set_stage(customer_id: str, body: StageBody, request: Request, key: ApiKey = Depends(require_secret)) -> Response:
-    return json_response(await get_mayak(request).customers.set_stage(key.workspace_id, customer_id, body.stage, key.id))
+async def set_stage(
+    customer_id: str, body: StageBody, request: Request, key: ApiKey = Depends(require_secret)
+) -> Response:
+    return json_response(
+        await get_mayak(request).customers.set_stage(key.workspace_id, customer_id, body.stage, key.id)
+    )
 
 
 @router.get("/v1/customers/{customer_id}/export", summary="GDPR export: everything held on the person")
-async def export_customer(customer_id: str, request: Request, key: ApiKey = Depends(require_secret)) -> Response:
+async def export_customer(
+    customer_id: str, request: Request, key: ApiKey = Depends(require_secret)
+) -> Response:
     return json_response(await get_mayak(request).customers.export(key.workspace_id, customer_id))
 
 
 @router.delete("/v1/customers/{customer_id}", summary="GDPR erase; later events for the person are dropped")
-async def erase_customer(customer_id: str, request: Request, key: ApiKey = Depends(require_secret)) -> Response:
+async def erase_customer(
+    customer_id: str, request: Request, key: ApiKey = Depends(require_secret)
+) -> Response:
     return json_response(await get_mayak(request).customers.erase(key.workspace_id, customer_id, key.id))
 
 
@@ -133,7 +163,9 @@ async def get_workspace(request: Request, key: ApiKey = Depends(require_secret))
 
 
 @router.patch("/v1/workspace/settings", tags=["workspace"], summary="Change workspace settings")
-async def update_settings(body: SettingsBody, request: Request, key: ApiKey = Depends(require_secret)) -> Response:
+async def update_settings(
+    body: SettingsBody, request: Request, key: ApiKey = Depends(require_secret)
+) -> Response:
     mayak = get_mayak(request)
     changes = body.model_dump(exclude_none=True)
     settings = await mayak.workspaces.update_settings(key.workspace_id, changes)

@@ -55,8 +55,14 @@ class RequestContext:
             label = getattr(route, "path", "unmatched")
             self.mayak.metrics.request_seconds.labels(label).observe(elapsed)
             if status >= 400 or not scope["path"].startswith("/v1/"):
-                log.info("request", request_id=request_id, method=scope["method"], path=scope["path"], status=status,
-                         ms=round(elapsed * 1000, 2))
+                log.info(
+                    "request",
+                    request_id=request_id,
+                    method=scope["method"],
+                    path=scope["path"],
+                    status=status,
+                    ms=round(elapsed * 1000, 2),
+                )
 
 
 def create_app(mayak: Mayak, *, manage: bool = True, workers: bool = True) -> FastAPI:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mayak.platform import Mayak
 
 
-def get_mayak(request: Request) -> "Mayak":
+def get_mayak(request: Request) -> Mayak:
     m: Mayak = request.app.state.mayak
     return m
 
@@ -38,19 +38,26 @@ def key_from_headers(request: Request) -> str | None:
         try:
             decoded = base64.b64decode(value, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError) as exc:
-            raise AuthenticationError("malformed_authorization", "the Basic credentials are not valid base64") from exc
+            raise AuthenticationError(
+                "malformed_authorization", "the Basic credentials are not valid base64"
+            ) from exc
         user, _, _password = decoded.partition(":")
         return user or None
-    raise AuthenticationError("malformed_authorization", "use 'Authorization: Basic' or 'Authorization: Bearer'")
+    raise AuthenticationError(
+        "malformed_authorization", "use 'Authorization: Basic' or 'Authorization: Bearer'"
+    )
 
 
-async def authenticate_write(mayak: "Mayak", presented: str | None) -> ApiKey:
+async def authenticate_write(mayak: Mayak, presented: str | None) -> ApiKey:
     if not presented:
-        raise AuthenticationError("missing_key", "send the write key as the Basic user name or as a Bearer token")
+        raise AuthenticationError(
+            "missing_key", "send the write key as the Basic user name or as a Bearer token"
+        )
     key = await mayak.workspaces.authenticate(presented)
     if key.kind != "write":
         raise PermissionDenied(
-            "secret_key_not_allowed", "a secret key must not be used for ingestion; use the workspace's write key"
+            "secret_key_not_allowed",
+            "a secret key must not be used for ingestion; use the workspace's write key",
         )
     return key
 
@@ -63,5 +70,7 @@ async def require_secret(request: Request) -> ApiKey:
     mayak = get_mayak(request)
     key = await mayak.workspaces.authenticate(presented)
     if key.kind != "secret":
-        raise PermissionDenied("secret_key_required", "the admin API needs a secret key (sk_…), not a write key")
+        raise PermissionDenied(
+            "secret_key_required", "the admin API needs a secret key (sk_…), not a write key"
+        )
     return key

@@ -59,7 +59,9 @@ class Database:
             kwargs["max_overflow"] = pool_size
         self.engine: AsyncEngine = create_async_engine(self.url, **kwargs)
         if self.dialect == "sqlite":
-            sync = sqlite_synchronous if sqlite_synchronous in ("OFF", "NORMAL", "FULL", "EXTRA") else "NORMAL"
+            sync = (
+                sqlite_synchronous if sqlite_synchronous in ("OFF", "NORMAL", "FULL", "EXTRA") else "NORMAL"
+            )
 
             @event.listens_for(self.engine.sync_engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -81,9 +83,8 @@ class Database:
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A connection inside a transaction, committed on normal exit, rolled back on error."""
         if self._write_lock is not None:
-            async with self._write_lock:
-                async with self._begin() as conn:
-                    yield conn
+            async with self._write_lock, self._begin() as conn:
+                yield conn
         else:
             async with self._begin() as conn:
                 yield conn

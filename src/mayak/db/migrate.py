@@ -21,7 +21,7 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
-    """Bring the database at ``url`` to ``revision`` (blocking; call via ``upgrade_async`` from async code)."""
+    """Bring the database at ``url`` to ``revision`` (blocking; async code uses ``upgrade_async``)."""
     command.upgrade(alembic_config(url), revision)
 
 

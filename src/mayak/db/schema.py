@@ -50,7 +50,9 @@ signing_secrets = sa.Table(
 events = sa.Table(
     "events",
     metadata,
-    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column(
+        "seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
     sa.Column("id", sa.String(40), nullable=False),
     sa.Column("workspace_id", sa.String(40), nullable=False),
     sa.Column("type", sa.String(40), nullable=False),

@@ -309,7 +309,8 @@ class ProfileBatch:
         sql = self.sql
         if self.new_keys:
             await conn.exec_driver_sql(
-                f"INSERT INTO identities (workspace_id, kind, value, customer_id, created_at) VALUES ({sql.values(5)})",
+                "INSERT INTO identities (workspace_id, kind, value, customer_id, created_at) "
+                f"VALUES ({sql.values(5)})",
                 [(ws, k, v, self.find(cid), self.now) for (k, v), cid in self.new_keys.items()],
             )
         new_rows, changed_rows = [], []

@@ -35,7 +35,8 @@ class SecretBox:
             return self._fernet.decrypt(token.encode()).decode()
         except InvalidToken as exc:
             raise MayakError(
-                "secret_undecryptable", "a stored secret cannot be decrypted: is MAYAK_SECRET_KEY the one it was stored with?"
+                "secret_undecryptable",
+                "a stored secret cannot be decrypted: is MAYAK_SECRET_KEY the one it was stored with?",
             ) from exc
 
 

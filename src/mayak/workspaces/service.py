@@ -74,8 +74,14 @@ class WorkspaceService:
             write = await self._issue(conn, ws_id, "write")
             secret = await self._issue(conn, ws_id, "secret")
             await self.store_secret(conn, ws_id, "user_tokens", "whsec_" + secrets.token_urlsafe(32))
-        return {"id": ws_id, "name": name, "write_key": write.plaintext, "write_key_id": write.id,
-                "secret_key": secret.plaintext, "secret_key_id": secret.id}
+        return {
+            "id": ws_id,
+            "name": name,
+            "write_key": write.plaintext,
+            "write_key_id": write.id,
+            "secret_key": secret.plaintext,
+            "secret_key_id": secret.id,
+        }
 
     async def get_workspace(self, ws_id: str) -> dict[str, Any]:
         async with self.db.read() as conn:
@@ -87,7 +93,9 @@ class WorkspaceService:
     async def find_workspace_by_name(self, name: str) -> dict[str, Any] | None:
         async with self.db.read() as conn:
             row = (
-                await conn.execute(sa.select(workspaces).where(workspaces.c.name == name).order_by(workspaces.c.id))
+                await conn.execute(
+                    sa.select(workspaces).where(workspaces.c.name == name).order_by(workspaces.c.id)
+                )
             ).first()
         return dict(row._mapping) if row else None
 
@@ -122,8 +130,15 @@ class WorkspaceService:
     async def list_keys(self, ws_id: str) -> list[dict[str, Any]]:
         async with self.db.read() as conn:
             rows = await conn.execute(
-                sa.select(api_keys.c.id, api_keys.c.kind, api_keys.c.prefix, api_keys.c.created_at,
-                          api_keys.c.revoked_at).where(api_keys.c.workspace_id == ws_id).order_by(api_keys.c.id)
+                sa.select(
+                    api_keys.c.id,
+                    api_keys.c.kind,
+                    api_keys.c.prefix,
+                    api_keys.c.created_at,
+                    api_keys.c.revoked_at,
+                )
+                .where(api_keys.c.workspace_id == ws_id)
+                .order_by(api_keys.c.id)
             )
             return [dict(r._mapping) for r in rows]
 
@@ -136,8 +151,9 @@ class WorkspaceService:
             async with self.db.read() as conn:
                 row = (
                     await conn.execute(
-                        sa.select(api_keys.c.id, api_keys.c.workspace_id, api_keys.c.kind, api_keys.c.revoked_at)
-                        .where(api_keys.c.hash == digest)
+                        sa.select(
+                            api_keys.c.id, api_keys.c.workspace_id, api_keys.c.kind, api_keys.c.revoked_at
+                        ).where(api_keys.c.hash == digest)
                     )
                 ).first()
             if row is None:
@@ -169,7 +185,11 @@ class WorkspaceService:
         key_id = new_id("key")
         await conn.execute(
             api_keys.insert().values(
-                id=key_id, workspace_id=ws_id, kind=kind, prefix=plaintext[:10], hash=hash_key(plaintext),
+                id=key_id,
+                workspace_id=ws_id,
+                kind=kind,
+                prefix=plaintext[:10],
+                hash=hash_key(plaintext),
                 created_at=now_ms(),
             )
         )
@@ -179,7 +199,11 @@ class WorkspaceService:
         sid = new_id("sec")
         await conn.execute(
             signing_secrets.insert().values(
-                id=sid, workspace_id=ws_id, purpose=purpose, ciphertext=self.box.encrypt(secret), created_at=now_ms()
+                id=sid,
+                workspace_id=ws_id,
+                purpose=purpose,
+                ciphertext=self.box.encrypt(secret),
+                created_at=now_ms(),
             )
         )
         return sid
@@ -187,7 +211,9 @@ class WorkspaceService:
     async def read_secret(self, secret_id: str) -> str:
         async with self.db.read() as conn:
             row = (
-                await conn.execute(sa.select(signing_secrets.c.ciphertext).where(signing_secrets.c.id == secret_id))
+                await conn.execute(
+                    sa.select(signing_secrets.c.ciphertext).where(signing_secrets.c.id == secret_id)
+                )
             ).first()
         if row is None:
             raise NotFound("signing secret")
@@ -199,10 +225,16 @@ def validate_settings(settings: dict[str, Any]) -> None:
 
     region = settings.get("default_region")
     if not isinstance(region, str) or region.upper() not in phonenumbers.SUPPORTED_REGIONS:
-        raise InvalidRequest("invalid_region", "default_region must be an ISO 3166 region code", "$.default_region")
+        raise InvalidRequest(
+            "invalid_region", "default_region must be an ISO 3166 region code", "$.default_region"
+        )
     stages = settings.get("journey_stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(s, str) and s for s in stages):
-        raise InvalidRequest("invalid_stages", "journey_stages must be a non-empty list of names", "$.journey_stages")
+        raise InvalidRequest(
+            "invalid_stages", "journey_stages must be a non-empty list of names", "$.journey_stages"
+        )
     origins = settings.get("allowed_origins")
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
-        raise InvalidRequest("invalid_origins", "allowed_origins must be a list of strings", "$.allowed_origins")
+        raise InvalidRequest(
+            "invalid_origins", "allowed_origins must be a list of strings", "$.allowed_origins"
+        )
