@@ -81,15 +81,14 @@ async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent])
     sql = FastSql(db.dialect)
     for ws_id, idxs in by_ws.items():
         await db.lock_workspace(conn, ws_id, APPEND_LOCK)
-        keyed = [i for i in idxs if batch[i].dedup_key is not None]
+        keys = list({k for i in idxs if (k := batch[i].dedup_key) is not None})
         seen: set[str] = set()
-        if keyed:
-            keys = list({batch[i].dedup_key for i in keyed})  # type: ignore[misc]
-            rows = await conn.exec_driver_sql(
+        if keys:
+            found = await conn.exec_driver_sql(
                 f"SELECT key FROM dedup_keys WHERE workspace_id = {sql.p(1)} AND key {sql.in_list(2)}",
                 (ws_id, sql.list_param(keys)),
             )
-            seen.update(r[0] for r in rows)
+            seen.update(r[0] for r in found)
         fresh_keys: list[tuple[str, str, int]] = []
         for i in idxs:
             key = batch[i].dedup_key
@@ -109,7 +108,7 @@ async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent])
     result.duplicates = len(batch) - len(keep)
     if keep:
         ids = new_ids("evt", len(keep))
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         for i, evt_id in zip(keep, ids, strict=True):
             ev = batch[i]
             ev.id = evt_id

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -69,7 +69,7 @@ class Mayak:
             self._spawn("outbox", self.outbox.run_forever)
             self._spawn("timers", self.timers.run_forever)
 
-    def _spawn(self, name: str, loop: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    def _spawn(self, name: str, loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
         task = asyncio.create_task(loop(self._stop), name=f"mayak-{name}")
         self._tasks.append(task)
 

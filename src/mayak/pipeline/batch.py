@@ -163,9 +163,9 @@ class ProfileBatch:
             f" AND value {sql.in_list(3)}"
         )
         for kind, values in by_kind.items():
-            rows = await self.conn.exec_driver_sql(query, (self.ws, kind, sql.list_param(values)))
-            for value, cid in rows:
-                self.idmap[(kind, value)] = cid
+            found = await self.conn.exec_driver_sql(query, (self.ws, kind, sql.list_param(values)))
+            for row in found:
+                self.idmap[(kind, row[0])] = row[1]
         await self._load_profiles(set(self.idmap.values()) | targets)
         return items
 
@@ -367,4 +367,7 @@ EVENT_COLUMNS = (
 
 
 def logged_from_tuple(row: Any) -> LoggedEvent:
-    return LoggedEvent(*row[:10], payload=orjson.loads(row[10]))
+    seq, evt_id, ws_id, etype, name, customer_id, ts, received, source, actor, payload = row
+    return LoggedEvent(
+        seq, evt_id, ws_id, etype, name, customer_id, ts, received, source, actor, orjson.loads(payload)
+    )

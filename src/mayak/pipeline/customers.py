@@ -7,6 +7,7 @@ key as ``actor``) and waits until the pipeline has applied them, so a caller rea
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -136,7 +137,7 @@ class CustomerService:
             ).all()
         return self._view(row, idents, [m[0] for m in merged])
 
-    def _view(self, row: Any, idents: list[Any], merged_ids: list[str]) -> dict[str, Any]:
+    def _view(self, row: Any, idents: Sequence[Any], merged_ids: list[str]) -> dict[str, Any]:
         context = dict(row.context)
         hints = context.pop("channel_hints", [])
         channels = sorted(

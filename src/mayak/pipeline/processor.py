@@ -108,8 +108,8 @@ class Pipeline:
             sql = self.sql
             rows = (
                 await conn.exec_driver_sql(
-                    f"SELECT {EVENT_COLUMNS} FROM events WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} "
-                    f"ORDER BY seq LIMIT {sql.p(3)}",
+                    f"SELECT {EVENT_COLUMNS} FROM events "
+                    f"WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} ORDER BY seq LIMIT {sql.p(3)}",
                     (ws_id, position, self.batch_size),
                 )
             ).all()

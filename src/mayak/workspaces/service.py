@@ -105,7 +105,7 @@ class WorkspaceService:
         validate_settings(merged)
         async with self.db.write() as conn:
             await conn.execute(workspaces.update().where(workspaces.c.id == ws_id).values(settings=merged))
-        return merged
+        return dict(merged)
 
     async def create_key(self, ws_id: str, kind: str) -> IssuedKey:
         if kind not in KEY_PREFIX:
