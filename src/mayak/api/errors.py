@@ -17,7 +17,12 @@ log = structlog.get_logger("mayak.api")
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    try:
+        data = orjson.dumps(body)
+    except TypeError:
+        # orjson refuses str *subclasses* as keys (SQLAlchemy row mappings use ``quoted_name``)
+        data = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
+    return Response(data, status_code=status, media_type="application/json", headers=headers)
 
 
 def error_response(exc: MayakError, extra: dict[str, Any] | None = None) -> Response:
@@ -44,7 +49,12 @@ def install(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         code = "invalid_json" if first.get("type") == "json_invalid" else "invalid_parameter"
         return json_response(
-            {"type": "invalid_request", "code": code, "message": str(first.get("msg")), "param": _path(tuple(first["loc"]))},
+            {
+                "type": "invalid_request",
+                "code": code,
+                "message": str(first.get("msg")),
+                "param": _path(tuple(first["loc"])),
+            },
             400,
         )
 
@@ -52,13 +62,19 @@ def install(app: FastAPI) -> None:
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return json_response(
-            {"type": "invalid_request", "code": code, "message": str(exc.detail), "param": None}, exc.status_code
+            {"type": "invalid_request", "code": code, "message": str(exc.detail), "param": None},
+            exc.status_code,
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled_error", path=request.url.path)
         return json_response(
-            {"type": "api_error", "code": "internal_error", "message": "an unexpected error occurred", "param": None},
+            {
+                "type": "api_error",
+                "code": "internal_error",
+                "message": "an unexpected error occurred",
+                "param": None,
+            },
             500,
         )

@@ -66,7 +66,9 @@ async def ingest(request: Request, kind: str) -> Response:
     origin = request.headers.get("origin")
     try:
         check_content_type(request.headers.get("content-type"))
-        raw = await read_limited(request.stream(), request.headers.get("content-encoding"), settings.max_request_bytes)
+        raw = await read_limited(
+            request.stream(), request.headers.get("content-encoding"), settings.max_request_bytes
+        )
         body = parse_json(raw)
         if not isinstance(body, dict):
             raise InvalidRequest("invalid_body", "the body must be a JSON object", "$")
@@ -78,7 +80,10 @@ async def ingest(request: Request, kind: str) -> Response:
             ws = await mayak.workspaces.get_workspace(key.workspace_id)
             allowed = ws["settings"].get("allowed_origins", ["*"])
             if "*" not in allowed and origin not in allowed:
-                raise PermissionDenied("origin_not_allowed", f"origin {origin!r} may not send events to this workspace")
+                refused, origin = origin, None  # no CORS grant for an origin the workspace does not allow
+                raise PermissionDenied(
+                    "origin_not_allowed", f"origin {refused!r} may not send events to this workspace"
+                )
         received = now_ms()
         if kind == "batch":
             items = body.get("batch")
@@ -90,7 +95,9 @@ async def ingest(request: Request, kind: str) -> Response:
             try:
                 batch_sent = parse_rfc3339_ms(sent_raw) if isinstance(sent_raw, str) else None
             except ValueError as exc:
-                raise InvalidRequest("invalid_timestamp", "sentAt is not an RFC 3339 timestamp", "$.sentAt") from exc
+                raise InvalidRequest(
+                    "invalid_timestamp", "sentAt is not an RFC 3339 timestamp", "$.sentAt"
+                ) from exc
             base, forced = "$.batch", None
         else:
             items, batch_sent, base, forced = [body], None, "", kind
@@ -100,8 +107,13 @@ async def ingest(request: Request, kind: str) -> Response:
             try:
                 accepted.append(
                     normalise_event(
-                        item, workspace_id=key.workspace_id, received_at=received, batch_sent_at=batch_sent,
-                        forced_type=forced, actor=key.id, max_event_bytes=settings.max_event_bytes,
+                        item,
+                        workspace_id=key.workspace_id,
+                        received_at=received,
+                        batch_sent_at=batch_sent,
+                        forced_type=forced,
+                        actor=key.id,
+                        max_event_bytes=settings.max_event_bytes,
                         max_depth=settings.max_json_depth,
                     )
                 )
@@ -117,8 +129,13 @@ async def ingest(request: Request, kind: str) -> Response:
                 raise InvalidRequest(e["code"], e["message"], e["param"], status=status)
             return _with_cors(
                 json_response(
-                    {"type": "invalid_request", "code": "batch_rejected",
-                     "message": "no event in the batch was acceptable", "param": "$.batch", "errors": errors},
+                    {
+                        "type": "invalid_request",
+                        "code": "batch_rejected",
+                        "message": "no event in the batch was acceptable",
+                        "param": "$.batch",
+                        "errors": errors,
+                    },
                     400,
                 ),
                 origin,
@@ -126,7 +143,12 @@ async def ingest(request: Request, kind: str) -> Response:
         result = await mayak.writer.submit(accepted)
         return _with_cors(
             json_response(
-                {"success": True, "accepted": result.accepted, "duplicates": result.duplicates, "errors": errors}
+                {
+                    "success": True,
+                    "accepted": result.accepted,
+                    "duplicates": result.duplicates,
+                    "errors": errors,
+                }
             ),
             origin,
         )
@@ -147,9 +169,15 @@ def _route(kind: str, path: str, *, schema: dict[str, Any], include: bool = True
 
     endpoint.__name__ = f"ingest_{kind}_{path.strip('/').replace('/', '_')}"
     router.add_api_route(
-        path, endpoint, methods=["POST"], include_in_schema=include, responses=_RESPONSES,
+        path,
+        endpoint,
+        methods=["POST"],
+        include_in_schema=include,
+        responses=_RESPONSES,
         summary=f"Collect {kind} events" if kind == "batch" else f"Collect one {kind} event",
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}},
+        openapi_extra={
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}
+        },
     )
 
 

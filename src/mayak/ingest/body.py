@@ -35,7 +35,9 @@ async def read_limited(chunks: AsyncIterator[bytes], encoding: str | None, limit
     elif enc == "deflate":
         inflater = zlib.decompressobj()
     else:
-        raise UnsupportedMediaType("unsupported_content_encoding", f"content encoding {enc!r} is not supported")
+        raise UnsupportedMediaType(
+            "unsupported_content_encoding", f"content encoding {enc!r} is not supported"
+        )
     out = bytearray()
 
     def too_large() -> PayloadTooLarge:

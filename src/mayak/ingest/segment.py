@@ -8,6 +8,7 @@ the future is clamped to ``receivedAt``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 
@@ -19,10 +20,19 @@ from mayak.timeutil import ms_to_rfc3339, parse_rfc3339_ms
 
 EVENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 # Short paths and single-letter types used by Segment's browser library.
-SHORT_TYPES = {"i": "identify", "t": "track", "p": "page", "s": "screen", "g": "group", "a": "alias", "b": "batch"}
+SHORT_TYPES = {
+    "i": "identify",
+    "t": "track",
+    "p": "page",
+    "s": "screen",
+    "g": "group",
+    "a": "alias",
+    "b": "batch",
+}
 OBJECT_FIELDS = ("traits", "properties", "context", "integrations")
 MAX_ID_LEN = 300
 MAX_NAME_LEN = 200
+MAX_DEDUP_KEY_LEN = 300  # dedup_keys.key is VARCHAR(300)
 PURPOSES = frozenset({"marketing", "service", "transactional"})
 _CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _HHMM_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
@@ -67,24 +77,34 @@ def _timestamp(event: dict[str, Any], field: str) -> int | None:
     try:
         return parse_rfc3339_ms(value)
     except (ValueError, OverflowError) as exc:
-        raise EventRejected("invalid_timestamp", f"{field} is not an RFC 3339 timestamp: {value[:40]!r}", f"$.{field}") from exc
+        raise EventRejected(
+            "invalid_timestamp", f"{field} is not an RFC 3339 timestamp: {value[:40]!r}", f"$.{field}"
+        ) from exc
 
 
 def validate_consents(value: Any, path: str) -> None:
     if not isinstance(value, dict):
-        raise EventRejected("invalid_consents", "consents must be an object of channel -> purpose -> boolean", path)
+        raise EventRejected(
+            "invalid_consents", "consents must be an object of channel -> purpose -> boolean", path
+        )
     for channel, purposes in value.items():
         if not _CHANNEL_RE.match(channel):
             raise EventRejected("invalid_consents", f"unknown channel name {channel!r}", f"{path}.{channel}")
         if not isinstance(purposes, dict):
-            raise EventRejected("invalid_consents", "a channel's consents must be an object", f"{path}.{channel}")
+            raise EventRejected(
+                "invalid_consents", "a channel's consents must be an object", f"{path}.{channel}"
+            )
         for purpose, granted in purposes.items():
             if purpose not in PURPOSES:
                 raise EventRejected(
-                    "invalid_consents", "purpose must be marketing, service or transactional", f"{path}.{channel}.{purpose}"
+                    "invalid_consents",
+                    "purpose must be marketing, service or transactional",
+                    f"{path}.{channel}.{purpose}",
                 )
             if not isinstance(granted, bool):
-                raise EventRejected("invalid_consents", "consent must be true or false", f"{path}.{channel}.{purpose}")
+                raise EventRejected(
+                    "invalid_consents", "consent must be true or false", f"{path}.{channel}.{purpose}"
+                )
 
 
 def validate_preferences(value: Any, path: str) -> None:
@@ -110,7 +130,9 @@ def validate_preferences(value: Any, path: str) -> None:
                 or not _HHMM_RE.match(item["end"])
             ):
                 raise EventRejected(
-                    "invalid_preferences", 'quiet_hours must be {"start": "HH:MM", "end": "HH:MM"}', f"{path}.{key}"
+                    "invalid_preferences",
+                    'quiet_hours must be {"start": "HH:MM", "end": "HH:MM"}',
+                    f"{path}.{key}",
                 )
         else:
             raise EventRejected("invalid_preferences", f"unknown preference {key!r}", f"{path}.{key}")
@@ -134,7 +156,9 @@ def normalise_event(
         raise EventRejected("too_deep", f"the event nests deeper than {max_depth} levels", "$")
     size = len(orjson.dumps(raw))
     if size > max_event_bytes:
-        raise EventRejected("event_too_large", f"the event is {size} bytes; the limit is {max_event_bytes}", "$")
+        raise EventRejected(
+            "event_too_large", f"the event is {size} bytes; the limit is {max_event_bytes}", "$"
+        )
     etype = raw.get("type") if forced_type is None else forced_type
     if isinstance(etype, str):
         etype = SHORT_TYPES.get(etype, etype)
@@ -150,7 +174,9 @@ def normalise_event(
         raise EventRejected("missing_identity", "an event needs a userId or an anonymousId", "$.userId")
     message_id = raw.get("messageId")
     if message_id is not None and (not isinstance(message_id, str) or len(message_id) > MAX_ID_LEN):
-        raise EventRejected("invalid_field_type", "messageId must be a string of at most 300 characters", "$.messageId")
+        raise EventRejected(
+            "invalid_field_type", "messageId must be a string of at most 300 characters", "$.messageId"
+        )
 
     name: str | None = None
     if etype == "track":
@@ -212,5 +238,13 @@ def normalise_event(
         payload=payload,
         source="api",
         actor=actor,
-        dedup_key=f"mid:{message_id}" if message_id else None,
+        dedup_key=message_dedup_key(message_id) if message_id else None,
     )
+
+
+def message_dedup_key(message_id: str) -> str:
+    """``mid:<messageId>``; an id too long for the key column is keyed by its SHA-256 instead."""
+    key = f"mid:{message_id}"
+    if len(key) > MAX_DEDUP_KEY_LEN:
+        key = "mid#" + hashlib.sha256(message_id.encode()).hexdigest()
+    return key

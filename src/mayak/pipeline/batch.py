@@ -163,9 +163,9 @@ class ProfileBatch:
             f" AND value {sql.in_list(3)}"
         )
         for kind, values in by_kind.items():
-            found = await self.conn.exec_driver_sql(query, (self.ws, kind, sql.list_param(values)))
-            for row in found:
-                self.idmap[(kind, row[0])] = row[1]
+            result: Any = await self.conn.exec_driver_sql(query, (self.ws, kind, sql.list_param(values)))
+            for found_value, cid in result:
+                self.idmap[(kind, found_value)] = cid
         await self._load_profiles(set(self.idmap.values()) | targets)
         return items
 
