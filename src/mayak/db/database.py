@@ -72,6 +72,7 @@ class Database:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA cache_size=-65536")
                 cur.execute("PRAGMA temp_store=MEMORY")
+                cur.execute("PRAGMA wal_autocheckpoint=20000")
                 cur.close()
 
         # SQLite: one writer at a time in this process; in-memory: one connection for everything.

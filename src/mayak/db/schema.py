@@ -96,6 +96,7 @@ customers = sa.Table(
     sa.Column("updated_at", Ms, nullable=False),
     sa.Index("ix_customers_ws_id", "workspace_id", "id"),
     sa.Index("ix_customers_ws_last_seen", "workspace_id", "last_seen"),
+    sa.Index("ix_customers_merged_into", "workspace_id", "merged_into"),
 )
 
 identities = sa.Table(
@@ -106,7 +107,7 @@ identities = sa.Table(
     sa.Column("value", sa.String(300), primary_key=True),
     sa.Column("customer_id", sa.String(40), nullable=False),
     sa.Column("created_at", Ms, nullable=False),
-    sa.Index("ix_identities_customer", "customer_id"),
+    sa.Index("ix_identities_customer", "workspace_id", "customer_id"),
 )
 
 suppressions = sa.Table(

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
 from mayak.db.schema import (
@@ -95,46 +96,49 @@ class CustomerService:
     async def resolve(self, ws_id: str, customer_id: str) -> str:
         """The surviving id for ``customer_id`` (itself unless it was merged away)."""
         async with self.db.read() as conn:
-            seen = 0
-            while True:
-                row = (
-                    await conn.execute(
-                        sa.select(customers.c.merged_into).where(
-                            customers.c.workspace_id == ws_id, customers.c.id == customer_id
-                        )
+            return await self._resolve_in(conn, ws_id, customer_id)
+
+    async def _resolve_in(self, conn: AsyncConnection, ws_id: str, customer_id: str) -> str:
+        for _ in range(64):  # merge chains are compressed on every merge; this is a safety bound
+            merged_into = (
+                await conn.execute(
+                    sa.select(customers.c.merged_into).where(
+                        customers.c.workspace_id == ws_id, customers.c.id == customer_id
                     )
-                ).first()
-                if row is None:
-                    raise NotFound("customer", "$.id")
-                if row.merged_into is None:
-                    return customer_id
-                customer_id = row.merged_into
-                seen += 1
-                if seen > 64:
-                    raise NotFound("customer", "$.id")
+                )
+            ).first()
+            if merged_into is None:
+                break
+            if merged_into[0] is None:
+                return customer_id
+            customer_id = merged_into[0]
+        raise NotFound("customer", "$.id")
 
     async def get(self, ws_id: str, customer_id: str) -> dict[str, Any]:
-        survivor = await self.resolve(ws_id, customer_id)
         async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(customers).where(customers.c.workspace_id == ws_id, customers.c.id == survivor)
+            survivor = await self._resolve_in(conn, ws_id, customer_id)
+            return await self._view_in(conn, ws_id, survivor)
+
+    async def _view_in(self, conn: AsyncConnection, ws_id: str, survivor: str) -> dict[str, Any]:
+        row = (
+            await conn.execute(
+                sa.select(customers).where(customers.c.workspace_id == ws_id, customers.c.id == survivor)
+            )
+        ).one()
+        idents = (
+            await conn.execute(
+                sa.select(identities.c.kind, identities.c.value, identities.c.created_at)
+                .where(identities.c.workspace_id == ws_id, identities.c.customer_id == survivor)
+                .order_by(identities.c.kind, identities.c.value)
+            )
+        ).all()
+        merged = (
+            await conn.execute(
+                sa.select(customers.c.id).where(
+                    customers.c.workspace_id == ws_id, customers.c.merged_into == survivor
                 )
-            ).one()
-            idents = (
-                await conn.execute(
-                    sa.select(identities.c.kind, identities.c.value, identities.c.created_at)
-                    .where(identities.c.workspace_id == ws_id, identities.c.customer_id == survivor)
-                    .order_by(identities.c.kind, identities.c.value)
-                )
-            ).all()
-            merged = (
-                await conn.execute(
-                    sa.select(customers.c.id).where(
-                        customers.c.workspace_id == ws_id, customers.c.merged_into == survivor
-                    )
-                )
-            ).all()
+            )
+        ).all()
         return self._view(row, idents, [m[0] for m in merged])
 
     def _view(self, row: Any, idents: Sequence[Any], merged_ids: list[str]) -> dict[str, Any]:
@@ -172,8 +176,7 @@ class CustomerService:
             raise InvalidRequest(
                 "invalid_identity", "identity must be KIND:VALUE, e.g. email:ann@example.com", "$.identity"
             )
-        ws = await self.workspaces.get_workspace(ws_id)
-        value = normalise(kind, value_raw, ws["settings"].get("default_region", "US"))
+        value = normalise(kind, value_raw, await self.pipeline.region(ws_id))
         if value is None:
             raise InvalidRequest("invalid_identity", f"{value_raw!r} is not a valid {kind}", "$.identity")
         async with self.db.read() as conn:
@@ -186,9 +189,10 @@ class CustomerService:
                     )
                 )
             ).first()
-        if row is None:
-            raise NotFound("customer", "$.identity")
-        return await self.get(ws_id, row.customer_id)
+            if row is None:
+                raise NotFound("customer", "$.identity")
+            survivor = await self._resolve_in(conn, ws_id, row.customer_id)
+            return await self._view_in(conn, ws_id, survivor)
 
     async def list(
         self,

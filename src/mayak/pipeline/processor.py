@@ -47,6 +47,7 @@ class Pipeline:
         self.routers = list(routers or [])
         self.batch_size = settings.pipeline_batch_size
         self.sql = FastSql(db.dialect)
+        self.linger_s = 0.05
         self._lock = asyncio.Lock()
         self._progress = asyncio.Condition()
         self._positions: dict[str, int] = {}
@@ -67,6 +68,10 @@ class Pipeline:
                     await asyncio.sleep(1.0)
                 if not worked:
                     await self.notifier.wait(0.5)
+                elif worked < self.batch_size:
+                    # Under a steady trickle, linger a moment so the next batch is larger: fewer,
+                    # bigger transactions give far more events per second for a few ms of latency.
+                    await asyncio.sleep(self.linger_s)
         finally:
             self._running = False
 
@@ -99,8 +104,25 @@ class Pipeline:
 
     # -- one batch ---------------------------------------------------------------------------
 
+    async def _has_work(self, ws_id: str) -> bool:
+        """Cheap read-only check, so an idle workspace costs no write transaction."""
+        known = self._positions.get(ws_id)
+        if known is None:
+            return True
+        sql = self.sql
+        async with self.db.read() as conn:
+            row = (
+                await conn.exec_driver_sql(
+                    f"SELECT 1 FROM events WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} LIMIT 1",
+                    (ws_id, known),
+                )
+            ).first()
+        return row is not None
+
     async def _process_batch(self, ws_id: str) -> int:
-        region = await self._region(ws_id)
+        if not await self._has_work(ws_id):
+            return 0
+        region = await self.region(ws_id)
         started = time.perf_counter()
         async with self.db.write() as conn:
             await self.db.lock_workspace(conn, ws_id, CONSUMER)
@@ -173,7 +195,8 @@ class Pipeline:
         )
         await conn.execute(stmt)
 
-    async def _region(self, ws_id: str) -> str:
+    async def region(self, ws_id: str) -> str:
+        """The workspace's default phone region (cached for 30 s)."""
         cached = self._regions.get(ws_id)
         if cached and cached[0] > time.monotonic():
             return cached[1]

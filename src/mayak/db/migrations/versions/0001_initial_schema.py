@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 06:05:17.428079
+Create Date: 2026-11-23 06:17:23.593905
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("customers", schema=None) as batch_op:
+        batch_op.create_index("ix_customers_merged_into", ["workspace_id", "merged_into"], unique=False)
         batch_op.create_index("ix_customers_ws_id", ["workspace_id", "id"], unique=False)
         batch_op.create_index("ix_customers_ws_last_seen", ["workspace_id", "last_seen"], unique=False)
 
@@ -149,7 +150,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("workspace_id", "kind", "value"),
     )
     with op.batch_alter_table("identities", schema=None) as batch_op:
-        batch_op.create_index("ix_identities_customer", ["customer_id"], unique=False)
+        batch_op.create_index("ix_identities_customer", ["workspace_id", "customer_id"], unique=False)
 
     op.create_table(
         "outbox",
@@ -284,6 +285,7 @@ def downgrade() -> None:
     with op.batch_alter_table("customers", schema=None) as batch_op:
         batch_op.drop_index("ix_customers_ws_last_seen")
         batch_op.drop_index("ix_customers_ws_id")
+        batch_op.drop_index("ix_customers_merged_into")
 
     op.drop_table("customers")
     op.drop_table("consumer_cursors")
