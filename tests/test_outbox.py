@@ -21,8 +21,8 @@ from mayak.delivery.outbox import (
     OutboxRow,
     backoff_ms,
     enqueue,
-    monotonic_ids,
 )
+from mayak.ids import monotonic_ids
 from mayak.metrics import Metrics
 from mayak.timeutil import now_ms
 from tests.backends import backend_db

@@ -48,6 +48,7 @@ class Settings:
             pipeline_batch_size=_env_int("MAYAK_PIPELINE_BATCH_SIZE", cls.pipeline_batch_size),
             outbox_max_attempts=_env_int("MAYAK_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             outbox_base_delay_ms=_env_int("MAYAK_OUTBOX_BASE_DELAY_MS", cls.outbox_base_delay_ms),
+            webhook_timeout_s=float(env.get("MAYAK_WEBHOOK_TIMEOUT_S") or cls.webhook_timeout_s),
             log_level=env.get("MAYAK_LOG_LEVEL", cls.log_level),
         )
 

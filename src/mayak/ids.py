@@ -44,3 +44,23 @@ def derived_id(prefix: str, ms: int, seed: str) -> str:
     rebuilds customers under the ids they had before."""
     digest = hashlib.blake2b(seed.encode(), digest_size=10).digest()
     return f"{prefix}_{_encode(((ms & 0xFFFFFFFFFFFF) << 80) | int.from_bytes(digest, 'big'))}"
+
+
+_last_id_value = 0
+
+
+def monotonic_ids(prefix: str, count: int, now: int | None = None) -> list[str]:
+    """ULID-style ids that strictly increase within this process, even inside one millisecond.
+
+    ``mayak.ids.new_ids`` randomises the low bits, so ids minted in the same millisecond sort at
+    random; the outbox orders a customer's rows by id, so it needs the monotonic variant.
+    """
+    global _last_id_value
+    ms = int(time.time() * 1000) if now is None else now
+    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
+    if value <= _last_id_value:
+        value = _last_id_value + 1
+    values = [value + i for i in range(count)]
+    if values:
+        _last_id_value = values[-1]
+    return [f"{prefix}_{_encode(v)}" for v in values]

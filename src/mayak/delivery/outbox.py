@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -46,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.schema import outbox, outbox_attempts
-from mayak.ids import _encode, new_ids
+from mayak.ids import monotonic_ids, new_ids
 from mayak.metrics import Metrics
 from mayak.timeutil import now_ms
 
@@ -77,26 +76,6 @@ class OutboxItem:
     customer_id: str | None = None
     target: str | None = None
     not_before: int | None = None
-
-
-_last_id_value = 0
-
-
-def monotonic_ids(prefix: str, count: int, now: int | None = None) -> list[str]:
-    """ULID-style ids that strictly increase within this process, even inside one millisecond.
-
-    ``mayak.ids.new_ids`` randomises the low bits, so ids minted in the same millisecond sort at
-    random; the outbox orders a customer's rows by id, so it needs the monotonic variant.
-    """
-    global _last_id_value
-    ms = now_ms() if now is None else now
-    value = (ms << 80) | int.from_bytes(os.urandom(10), "big")
-    if value <= _last_id_value:
-        value = _last_id_value + 1
-    values = [value + i for i in range(count)]
-    if values:
-        _last_id_value = values[-1]
-    return [f"{prefix}_{_encode(v)}" for v in values]
 
 
 async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxItem]) -> int:
