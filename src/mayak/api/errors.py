@@ -60,9 +60,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> Response:
-        code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        # FastAPI answers a body it cannot parse (e.g. nested past the recursion limit) with a plain 400
+        code = {400: "invalid_json", 404: "route_not_found", 405: "method_not_allowed"}.get(
+            exc.status_code, "http_error"
+        )
+        param = "$" if exc.status_code == 400 else None
         return json_response(
-            {"type": "invalid_request", "code": code, "message": str(exc.detail), "param": None},
+            {"type": "invalid_request", "code": code, "message": str(exc.detail), "param": param},
             exc.status_code,
         )
 

@@ -79,14 +79,15 @@ async def read_limited(chunks: AsyncIterator[bytes], encoding: str | None, limit
 
 def parse_json(raw: bytes) -> Any:
     if not raw:
-        raise InvalidRequest("invalid_json", "the request body is empty")
+        raise InvalidRequest("invalid_json", "the request body is empty", "$")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            raise InvalidRequest("invalid_utf8", "the request body is not valid UTF-8") from exc
-        if "recursion" in str(exc).lower():
-            raise InvalidRequest("too_deep", "the JSON is nested too deeply") from exc
-        raise InvalidRequest("invalid_json", f"the request body is not valid JSON: {exc}") from exc
+            raise InvalidRequest("invalid_utf8", "the request body is not valid UTF-8", "$") from exc
+        reason = str(exc).lower()
+        if "recursion" in reason or "depth limit" in reason:  # orjson stops at 1024 levels
+            raise InvalidRequest("too_deep", "the JSON is nested too deeply", "$") from exc
+        raise InvalidRequest("invalid_json", f"the request body is not valid JSON: {exc}", "$") from exc

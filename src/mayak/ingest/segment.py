@@ -56,6 +56,28 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
+def nul_path(value: Any, root: str = "$") -> str | None:
+    """JSON path of a string (or of the object whose key) containing U+0000, if any.
+
+    PostgreSQL's text and JSONB cannot store U+0000, so anything headed for the log or a profile
+    (events here, admin changes too) must be refused with ``invalid_character`` at this path.
+    """
+    stack: list[tuple[Any, str]] = [(value, root)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                if "\x00" in k:
+                    return path
+                stack.append((v, f"{path}.{k}"))
+        elif isinstance(item, list):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
+    return None
+
+
 def _identifier(event: dict[str, Any], field: str) -> str | None:
     value = event.get(field)
     if value is None or value == "":
@@ -154,15 +176,19 @@ def normalise_event(
         raise EventRejected("invalid_event", "an event must be a JSON object", "$")
     if not _depth_ok(raw, max_depth):
         raise EventRejected("too_deep", f"the event nests deeper than {max_depth} levels", "$")
-    size = len(orjson.dumps(raw))
+    dumped = orjson.dumps(raw)
+    size = len(dumped)
     if size > max_event_bytes:
         raise EventRejected(
             "event_too_large", f"the event is {size} bytes; the limit is {max_event_bytes}", "$"
         )
+    if b"\\u0000" in dumped and (nul_at := nul_path(raw)) is not None:
+        # PostgreSQL text and JSONB cannot hold U+0000: refuse it here, not fail the commit later
+        raise EventRejected("invalid_character", "text must not contain NUL (\\u0000) characters", nul_at)
     etype = raw.get("type") if forced_type is None else forced_type
     if isinstance(etype, str):
         etype = SHORT_TYPES.get(etype, etype)
-    if etype not in EVENT_TYPES:
+    if not isinstance(etype, str) or etype not in EVENT_TYPES:  # a list or object is unhashable
         raise EventRejected("unknown_type", f"type must be one of {', '.join(sorted(EVENT_TYPES))}", "$.type")
     for field in OBJECT_FIELDS:
         value = raw.get(field)
@@ -200,11 +226,17 @@ def normalise_event(
         raise EventRejected("field_too_long", f"the name is longer than {MAX_NAME_LEN} characters", "$.event")
 
     traits = raw.get("traits")
+    traits_at = "$.traits"
+    if etype == "identify" and traits is None:
+        context = raw.get("context")
+        if isinstance(context, dict) and isinstance(context.get("traits"), dict):
+            # RudderStack's SDKs send an identify's traits only as context.traits
+            traits, traits_at = context["traits"], "$.context.traits"
     if traits:
         if "consents" in traits:
-            validate_consents(traits["consents"], "$.traits.consents")
+            validate_consents(traits["consents"], f"{traits_at}.consents")
         if "preferences" in traits:
-            validate_preferences(traits["preferences"], "$.traits.preferences")
+            validate_preferences(traits["preferences"], f"{traits_at}.preferences")
 
     original = _timestamp(raw, "timestamp")
     sent_at = _timestamp(raw, "sentAt")
@@ -217,10 +249,16 @@ def normalise_event(
     else:
         ts = original
     ts = min(ts, received_at)
+    if ts < 0:  # before 1970 (or a skew of decades): no event time, and not always representable
+        raise EventRejected(
+            "invalid_timestamp", "the (skew-corrected) timestamp is before 1970", "$.timestamp"
+        )
 
     payload = dict(raw)
     payload.pop("writeKey", None)
     payload["type"] = etype
+    if traits is not None and payload.get("traits") is None:
+        payload["traits"] = traits
     if user_id is not None:
         payload["userId"] = user_id
     if anonymous_id is not None:

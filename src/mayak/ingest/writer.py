@@ -91,7 +91,13 @@ class IngestWriter:
         try:
             async with self.db.write() as conn:
                 result = await append(self.db, conn, flat)
-        except Exception as exc:  # answer every waiter; nothing of this group was committed
+        except Exception as exc:  # nothing of this group was committed
+            if len(group) > 1:
+                # one request's events must not fail its neighbours: commit each request on its own
+                log.warning("ingest_group_commit_failed", error=str(exc), requests=len(group))
+                for item in group:
+                    await self._commit([item])
+                return
             log.error("ingest_commit_failed", error=str(exc), events=len(flat))
             for _, fut in group:
                 if not fut.done():

@@ -1,0 +1,101 @@
+"""The group-committing writer: a 2xx means committed, and one request cannot fail its neighbours."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import pytest
+import sqlalchemy as sa
+
+from mayak.db.schema import events
+from mayak.eventlog import AppendResult, NewEvent
+from mayak.ingest import writer as writer_module
+from mayak.platform import Mayak
+from mayak.timeutil import now_ms
+
+
+def event(ws_id: str, user: str, message_id: str | None = None) -> NewEvent:
+    now = now_ms()
+    return NewEvent(
+        workspace_id=ws_id,
+        type="track",
+        name="E",
+        timestamp=now,
+        received_at=now,
+        payload={"type": "track", "userId": user, "event": "E"},
+        dedup_key=f"mid:{message_id}" if message_id else None,
+    )
+
+
+async def stored_users(mayak: Mayak, ws_id: str) -> list[str]:
+    async with mayak.db.read() as conn:
+        rows = await conn.execute(
+            sa.select(events.c.payload).where(events.c.workspace_id == ws_id).order_by(events.c.seq)
+        )
+        return [orjson.loads(r[0])["userId"] for r in rows]
+
+
+async def test_concurrent_requests_share_commits(mayak: Mayak, ws: dict[str, Any], monkeypatch: Any) -> None:
+    calls: list[int] = []
+    real = writer_module.append
+
+    async def counting(db: Any, conn: Any, batch: Sequence[NewEvent]) -> AppendResult:
+        calls.append(len(batch))
+        return await real(db, conn, batch)
+
+    monkeypatch.setattr(writer_module, "append", counting)
+    results = await asyncio.gather(*(mayak.writer.submit([event(ws["id"], f"u{i}")]) for i in range(50)))
+    assert [r.accepted for r in results] == [1] * 50
+    assert sum(calls) == 50 and len(calls) < 50, calls
+    assert len(await stored_users(mayak, ws["id"])) == 50
+
+
+async def test_one_failing_request_does_not_fail_its_group(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    real = writer_module.append
+    calls: list[int] = []
+
+    async def fragile(db: Any, conn: Any, batch: Sequence[NewEvent]) -> AppendResult:
+        calls.append(len(batch))
+        result = await real(db, conn, batch)  # writes first, so the rollback really has to undo it
+        if any(ev.payload["userId"] == "poison" for ev in batch):
+            raise RuntimeError("the database refused a value")
+        return result
+
+    monkeypatch.setattr(writer_module, "append", fragile)
+    good = [event(ws["id"], f"good{i}", f"m{i}") for i in range(3)]
+    outcomes = await asyncio.gather(
+        mayak.writer.submit(good[:2]),
+        mayak.writer.submit([event(ws["id"], "poison", "m-poison")]),
+        mayak.writer.submit(good[2:]),
+        return_exceptions=True,
+    )
+    assert calls[0] == 4, "the three requests were meant to share one commit"
+    assert isinstance(outcomes[0], AppendResult) and outcomes[0].accepted == 2
+    assert isinstance(outcomes[1], RuntimeError)
+    assert isinstance(outcomes[2], AppendResult) and outcomes[2].accepted == 1
+    assert sorted(await stored_users(mayak, ws["id"])) == ["good0", "good1", "good2"]
+    # the failed request's messageId was rolled back too: a retry is not taken for a duplicate
+    monkeypatch.setattr(writer_module, "append", real)
+    retry = await mayak.writer.submit([event(ws["id"], "poison", "m-poison")])
+    assert (retry.accepted, retry.duplicates) == (1, 0)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_failure_reaches_every_waiter(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any, n: int
+) -> None:
+    async def broken(db: Any, conn: Any, batch: Sequence[NewEvent]) -> AppendResult:
+        raise RuntimeError("database down")
+
+    monkeypatch.setattr(writer_module, "append", broken)
+    outcomes = await asyncio.gather(
+        *(mayak.writer.submit([event(ws["id"], f"u{i}")]) for i in range(n)), return_exceptions=True
+    )
+    assert all(isinstance(o, RuntimeError) for o in outcomes)
+    await asyncio.wait_for(mayak.writer.flush(), 5)  # the writer is idle again, not wedged
+    assert await stored_users(mayak, ws["id"]) == []
