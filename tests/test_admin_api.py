@@ -15,6 +15,13 @@ from tests.test_profiles import by_identity, send
 pytestmark = pytest.mark.contract
 
 
+def _nest(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {}
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
 async def test_admin_changes_are_events_with_actor(client, mayak: Mayak, ws) -> None:
     await send(client, ws, {"type": "identify", "userId": "u1", "traits": {"plan": "free"}})
     await mayak.drain()
@@ -257,3 +264,33 @@ async def test_metrics_and_health(client, mayak: Mayak, ws) -> None:
     assert "mayak_pipeline_lag_events 0.0" in (await client.get("/metrics")).text
     assert (await client.get("/healthz")).json() == {"status": "ok"}
     assert (await client.get("/readyz")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "param"),
+    [
+        ("traits", {"traits": {"note": "a\u0000b"}}, "invalid_character", "$.traits.note"),
+        ("traits", {"traits": {"x": {"y": {"z": 1}}} | {"deep": _nest(40)}}, "too_deep", "$.traits"),
+        ("traits", {"traits": {"blob": "x" * 40_000}}, "event_too_large", "$"),
+        ("consents", {"consents": {"email": {"ads": True}}}, "invalid_consents", "$.consents.email.ads"),
+        ("preferences", {"preferences": {"colour": "red"}}, "invalid_preferences", "$.preferences.colour"),
+    ],
+)
+async def test_admin_changes_are_validated(client, mayak: Mayak, ws, path, body, code, param) -> None:
+    await send(client, ws, {"type": "identify", "userId": "u1"})
+    await mayak.drain()
+    cid = (await by_identity(client, ws, "user_id:u1"))["id"]
+    r = await client.patch(f"/v1/customers/{cid}/{path}", json=body, headers=admin(ws))
+    assert r.status_code in (400, 413), r.text
+    assert (r.json()["code"], r.json()["param"]) == (code, param)
+    # Nothing was appended, and the pipeline is not stuck.
+    await send(client, ws, {"type": "identify", "userId": "u1", "traits": {"after": True}})
+    await mayak.drain()
+    assert (await by_identity(client, ws, "user_id:u1"))["traits"] == {"after": True}
+
+
+async def test_workspace_endpoint(client, ws) -> None:
+    r = await client.get("/v1/workspace", headers=admin(ws))
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == ws["id"]
+    assert {k["kind"] for k in r.json()["keys"]} == {"write", "secret"}

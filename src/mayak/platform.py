@@ -55,7 +55,12 @@ class Mayak:
         self.outbox.register("webhook", self.destinations.deliver)
         self.timers = TimerWorker(self.db, self.notifier, self.metrics)
         self.pipeline = Pipeline(
-            self.db, self.notifier, settings, self.metrics, routers=[self.destinations.route]
+            self.db,
+            self.notifier,
+            settings,
+            self.metrics,
+            routers=[self.destinations.route],
+            workspaces=self.workspaces,
         )
         self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)
         self._tasks: list[asyncio.Task[Any]] = []

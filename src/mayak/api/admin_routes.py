@@ -169,5 +169,4 @@ async def update_settings(
     mayak = get_mayak(request)
     changes = body.model_dump(exclude_none=True)
     settings = await mayak.workspaces.update_settings(key.workspace_id, changes)
-    mayak.pipeline.forget_settings(key.workspace_id)
     return json_response({"settings": settings})

@@ -17,12 +17,7 @@ log = structlog.get_logger("mayak.api")
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    try:
-        data = orjson.dumps(body)
-    except TypeError:
-        # orjson refuses str *subclasses* as keys (SQLAlchemy row mappings use ``quoted_name``)
-        data = orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
-    return Response(data, status_code=status, media_type="application/json", headers=headers)
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def error_response(exc: MayakError, extra: dict[str, Any] | None = None) -> Response:

@@ -38,7 +38,7 @@ _CHANNEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _HHMM_RE = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 
 
-def _depth_ok(value: Any, limit: int) -> bool:
+def depth_ok(value: Any, limit: int) -> bool:
     """True when no container nests deeper than ``limit`` levels (iterative: no recursion limit)."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -174,7 +174,7 @@ def normalise_event(
     """Check one event and turn it into a log entry; raises EventRejected with a path relative to it."""
     if not isinstance(raw, dict):
         raise EventRejected("invalid_event", "an event must be a JSON object", "$")
-    if not _depth_ok(raw, max_depth):
+    if not depth_ok(raw, max_depth):
         raise EventRejected("too_deep", f"the event nests deeper than {max_depth} levels", "$")
     dumped = orjson.dumps(raw)
     size = len(dumped)

@@ -7,7 +7,7 @@ key as ``actor``) and waits until the pipeline has applied them, so a caller rea
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -27,7 +27,7 @@ from mayak.db.schema import (
 )
 from mayak.errors import EventRejected, InvalidRequest, NotFound
 from mayak.eventlog import NewEvent, append, last_seq
-from mayak.ingest.segment import validate_consents, validate_preferences
+from mayak.ingest.segment import depth_ok, nul_path, validate_consents, validate_preferences
 from mayak.ingest.writer import IngestWriter
 from mayak.pipeline.identity import normalise, normalise_kind, suppression_hash
 from mayak.pipeline.processor import CONSUMER, Pipeline
@@ -36,6 +36,16 @@ from mayak.workspaces.service import WorkspaceService
 
 IDENTITY_CHANNELS = {"email": "email", "phone": "sms", "telegram": "telegram", "whatsapp": "whatsapp"}
 MAX_LIMIT = 200
+MAX_ADMIN_DEPTH = 32
+MAX_ADMIN_BYTES = 32 * 1024
+
+
+def _admin_check(check: Callable[[Any, str], None], value: Any, path: str) -> None:
+    """Run an ingestion validator on an admin body, reporting its refusal as a request error."""
+    try:
+        check(value, path)
+    except EventRejected as exc:
+        raise InvalidRequest(exc.code, exc.message, exc.param) from exc
 
 
 def encode_cursor(value: str | int) -> str:
@@ -290,8 +300,19 @@ class CustomerService:
     # -- changing (through the log) ----------------------------------------------------------
 
     async def _change(
-        self, ws_id: str, customer_id: str, etype: str, body: dict[str, Any], actor: str
+        self, ws_id: str, customer_id: str, etype: str, field: str, value: Any, actor: str
     ) -> dict[str, Any]:
+        """Append an admin change as an event and wait until the pipeline applied it."""
+        body = {field: value}
+        bad = nul_path(value, f"$.{field}")
+        if bad is not None:
+            raise InvalidRequest("invalid_character", "text must not contain U+0000", bad)
+        if not depth_ok(body, MAX_ADMIN_DEPTH):
+            raise InvalidRequest(
+                "too_deep", f"the body nests deeper than {MAX_ADMIN_DEPTH} levels", f"$.{field}"
+            )
+        if len(orjson.dumps(body)) > MAX_ADMIN_BYTES:
+            raise InvalidRequest("event_too_large", f"the change is larger than {MAX_ADMIN_BYTES} bytes", "$")
         survivor = await self.resolve(ws_id, customer_id)
         now = now_ms()
         await self.writer.submit(
@@ -318,37 +339,26 @@ class CustomerService:
     ) -> dict[str, Any]:
         if not isinstance(traits, dict) or not traits:
             raise InvalidRequest("invalid_field_type", "traits must be a non-empty object", "$.traits")
-        try:
-            if "consents" in traits:
-                validate_consents(traits["consents"], "$.traits.consents")
-            if "preferences" in traits:
-                validate_preferences(traits["preferences"], "$.traits.preferences")
-        except EventRejected as exc:
-            raise InvalidRequest(exc.code, exc.message, exc.param) from exc
-        return await self._change(ws_id, customer_id, "customer.traits_set", {"traits": traits}, actor)
+        checks = [(validate_consents, "consents"), (validate_preferences, "preferences")]
+        for check, key in checks:
+            if key in traits:
+                _admin_check(check, traits[key], f"$.traits.{key}")
+        return await self._change(ws_id, customer_id, "customer.traits_set", "traits", traits, actor)
 
     async def set_consents(self, ws_id: str, customer_id: str, consents: Any, actor: str) -> dict[str, Any]:
-        try:
-            validate_consents(consents, "$.consents")
-        except EventRejected as exc:
-            raise InvalidRequest(exc.code, exc.message, exc.param) from exc
-        return await self._change(ws_id, customer_id, "customer.consents_set", {"consents": consents}, actor)
+        _admin_check(validate_consents, consents, "$.consents")
+        return await self._change(ws_id, customer_id, "customer.consents_set", "consents", consents, actor)
 
     async def set_preferences(self, ws_id: str, customer_id: str, prefs: Any, actor: str) -> dict[str, Any]:
-        try:
-            validate_preferences(prefs, "$.preferences")
-        except EventRejected as exc:
-            raise InvalidRequest(exc.code, exc.message, exc.param) from exc
-        return await self._change(
-            ws_id, customer_id, "customer.preferences_set", {"preferences": prefs}, actor
-        )
+        _admin_check(validate_preferences, prefs, "$.preferences")
+        return await self._change(ws_id, customer_id, "customer.preferences_set", "preferences", prefs, actor)
 
     async def set_stage(self, ws_id: str, customer_id: str, stage: str, actor: str) -> dict[str, Any]:
         ws = await self.workspaces.get_workspace(ws_id)
         stages = ws["settings"].get("journey_stages", [])
         if stage not in stages:
             raise InvalidRequest("unknown_stage", f"stage must be one of: {', '.join(stages)}", "$.stage")
-        return await self._change(ws_id, customer_id, "customer.stage_set", {"stage": stage}, actor)
+        return await self._change(ws_id, customer_id, "customer.stage_set", "stage", stage, actor)
 
     # -- GDPR ----------------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from mayak.eventlog import LoggedEvent, LogNotifier, append
 from mayak.metrics import Metrics
 from mayak.pipeline.batch import EVENT_COLUMNS, ProfileBatch, logged_from_tuple
 from mayak.timeutil import now_ms
+from mayak.workspaces.service import WorkspaceService
 
 log = structlog.get_logger("mayak.pipeline")
 
@@ -39,19 +40,20 @@ class Pipeline:
         settings: Settings,
         metrics: Metrics,
         routers: list[Router] | None = None,
+        workspaces: WorkspaceService | None = None,
     ):
         self.db = db
         self.notifier = notifier
         self.settings = settings
         self.metrics = metrics
         self.routers = list(routers or [])
+        self.workspaces = workspaces
         self.batch_size = settings.pipeline_batch_size
         self.sql = FastSql(db.dialect)
         self.linger_s = 0.05
         self._lock = asyncio.Lock()
         self._progress = asyncio.Condition()
         self._positions: dict[str, int] = {}
-        self._regions: dict[str, tuple[float, str]] = {}
         self._running = False
 
     # -- loops -------------------------------------------------------------------------------
@@ -196,23 +198,13 @@ class Pipeline:
         await conn.execute(stmt)
 
     async def region(self, ws_id: str) -> str:
-        """The workspace's default phone region (cached for 30 s)."""
-        cached = self._regions.get(ws_id)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(sa.select(workspaces.c.settings).where(workspaces.c.id == ws_id))
-            ).first()
-        region = str((row[0] if row else {}).get("default_region", "US"))
-        self._regions[ws_id] = (time.monotonic() + 30.0, region)
-        return region
+        """The workspace's default phone region."""
+        if self.workspaces is None:
+            return "US"
+        return str((await self.workspaces.settings(ws_id)).get("default_region", "US"))
 
     def reset_position(self, ws_id: str) -> None:
         self._positions[ws_id] = 0
-
-    def forget_settings(self, ws_id: str) -> None:
-        self._regions.pop(ws_id, None)
 
     async def lag(self) -> int:
         """Events in the log that the pipeline has not processed yet (all workspaces)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from mayak.workspaces.secrets_box import SecretBox
 
 KeyKind = Literal["write", "secret"]
 KEY_PREFIX: dict[str, str] = {"write": "wk", "secret": "sk"}
+SETTINGS_TTL_S = 5.0
 DEFAULT_STAGES = ["prospect", "buyer", "in_service", "loyal"]
 
 
@@ -58,6 +60,8 @@ class WorkspaceService:
         self.box = box
         # key hash -> ApiKey (or None for revoked); bounded, invalidated on revoke in this process.
         self._key_cache: dict[str, ApiKey | None] = {}
+        # workspace id -> (expires at, settings): read on hot paths (origin checks, phone region).
+        self._settings_cache: dict[str, tuple[float, dict[str, Any]]] = {}
 
     async def create_workspace(self, name: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
         name = name.strip()
@@ -88,7 +92,7 @@ class WorkspaceService:
             row = (await conn.execute(sa.select(workspaces).where(workspaces.c.id == ws_id))).first()
         if row is None:
             raise NotFound("workspace")
-        return dict(row._mapping)
+        return {str(k): v for k, v in row._mapping.items()}
 
     async def find_workspace_by_name(self, name: str) -> dict[str, Any] | None:
         async with self.db.read() as conn:
@@ -97,7 +101,18 @@ class WorkspaceService:
                     sa.select(workspaces).where(workspaces.c.name == name).order_by(workspaces.c.id)
                 )
             ).first()
-        return dict(row._mapping) if row else None
+        return {str(k): v for k, v in row._mapping.items()} if row else None
+
+    async def settings(self, ws_id: str) -> dict[str, Any]:
+        """A workspace's settings, cached for a few seconds (other processes' changes show within that)."""
+        cached = self._settings_cache.get(ws_id)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        value = dict((await self.get_workspace(ws_id))["settings"])
+        if len(self._settings_cache) > 10_000:
+            self._settings_cache.clear()
+        self._settings_cache[ws_id] = (time.monotonic() + SETTINGS_TTL_S, value)
+        return value
 
     async def update_settings(self, ws_id: str, changes: dict[str, Any]) -> dict[str, Any]:
         ws = await self.get_workspace(ws_id)
@@ -105,6 +120,7 @@ class WorkspaceService:
         validate_settings(merged)
         async with self.db.write() as conn:
             await conn.execute(workspaces.update().where(workspaces.c.id == ws_id).values(settings=merged))
+        self._settings_cache.pop(ws_id, None)
         return dict(merged)
 
     async def create_key(self, ws_id: str, kind: str) -> IssuedKey:
@@ -140,7 +156,7 @@ class WorkspaceService:
                 .where(api_keys.c.workspace_id == ws_id)
                 .order_by(api_keys.c.id)
             )
-            return [dict(r._mapping) for r in rows]
+            return [{str(k): v for k, v in r._mapping.items()} for r in rows]
 
     async def authenticate(self, plaintext: str) -> ApiKey:
         """Resolve a presented key; raises AuthenticationError for unknown or revoked keys."""
