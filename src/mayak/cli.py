@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from mayak import logs
 from mayak.config import Settings
 from mayak.db.migrate import upgrade_async
 from mayak.errors import EventRejected, MayakError
@@ -32,13 +33,14 @@ app.add_typer(db_app, name="db")
 app.add_typer(workspace_app, name="workspace")
 app.add_typer(key_app, name="key")
 app.add_typer(import_app, name="import")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 
 def _run(factory: Callable[[Mayak], Awaitable[T]], *, migrate: bool = True) -> T:
     async def main() -> T:
         settings = Settings.from_env()
+        logs.configure(settings.log_level)
         if migrate:
             await upgrade_async(settings.database_url)
         mayak = Mayak(settings)
@@ -273,7 +275,6 @@ def serve(
     """Run the HTTP API and the worker loops in one process."""
     import uvicorn
 
-    from mayak import logs
     from mayak.api.app import create_app
 
     settings = Settings.from_env()

@@ -26,3 +26,4 @@ def configure(level: str = "info", json: bool = True) -> None:
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
+    logging.getLogger("alembic").setLevel(max(lvl, logging.WARNING))
