@@ -7,6 +7,7 @@ service into a failure instead of a skip.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -51,10 +52,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             ["sqlite", "postgres"] if metafunc.definition.get_closest_marker("contract") else ["sqlite"]
         )
         metafunc.parametrize("backend", backends, indirect=False)
+    if "pipeline_mode" in metafunc.fixturenames:
+        # Profiles are built inline (in the appending transaction) when the lane is caught up, and by
+        # the background lane otherwise: tests of profile rules run both ways.
+        modes = ["inline", "lane"] if metafunc.definition.get_closest_marker("both_modes") else ["inline"]
+        metafunc.parametrize("pipeline_mode", modes)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "contract: run against every storage backend")
+    config.addinivalue_line("markers", "both_modes: run with inline processing and with the background lane")
 
 
 @pytest.fixture
@@ -68,9 +75,9 @@ def settings(tmp_path: Any) -> Settings:
 
 
 @pytest.fixture
-async def mayak(backend: str, settings: Settings, tmp_path: Any) -> AsyncIterator[Mayak]:
+async def mayak(backend: str, pipeline_mode: str, settings: Settings, tmp_path: Any) -> AsyncIterator[Mayak]:
     db = await fresh_database(backend, tmp_path)
-    m = Mayak(settings, db=db)
+    m = Mayak(dataclasses.replace(settings, inline_pipeline=pipeline_mode == "inline"), db=db)
     await m.start(workers=False)
     try:
         yield m

@@ -40,13 +40,13 @@ async def stored_users(mayak: Mayak, ws_id: str) -> list[str]:
 
 async def test_concurrent_requests_share_commits(mayak: Mayak, ws: dict[str, Any], monkeypatch: Any) -> None:
     calls: list[int] = []
-    real = writer_module.append
+    real = writer_module.deduplicate
 
-    async def counting(db: Any, conn: Any, batch: Sequence[NewEvent]) -> AppendResult:
+    async def counting(db: Any, conn: Any, batch: Sequence[NewEvent]) -> tuple[AppendResult, list[NewEvent]]:
         calls.append(len(batch))
         return await real(db, conn, batch)
 
-    monkeypatch.setattr(writer_module, "append", counting)
+    monkeypatch.setattr(writer_module, "deduplicate", counting)
     results = await asyncio.gather(*(mayak.writer.submit([event(ws["id"], f"u{i}")]) for i in range(50)))
     assert [r.accepted for r in results] == [1] * 50
     assert sum(calls) == 50 and len(calls) < 50, calls
@@ -56,17 +56,17 @@ async def test_concurrent_requests_share_commits(mayak: Mayak, ws: dict[str, Any
 async def test_one_failing_request_does_not_fail_its_group(
     mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
 ) -> None:
-    real = writer_module.append
+    real = writer_module.deduplicate
     calls: list[int] = []
 
-    async def fragile(db: Any, conn: Any, batch: Sequence[NewEvent]) -> AppendResult:
+    async def fragile(db: Any, conn: Any, batch: Sequence[NewEvent]) -> tuple[AppendResult, list[NewEvent]]:
         calls.append(len(batch))
         result = await real(db, conn, batch)  # writes first, so the rollback really has to undo it
         if any(ev.payload["userId"] == "poison" for ev in batch):
             raise RuntimeError("the database refused a value")
         return result
 
-    monkeypatch.setattr(writer_module, "append", fragile)
+    monkeypatch.setattr(writer_module, "deduplicate", fragile)
     good = [event(ws["id"], f"good{i}", f"m{i}") for i in range(3)]
     outcomes = await asyncio.gather(
         mayak.writer.submit(good[:2]),
@@ -80,7 +80,7 @@ async def test_one_failing_request_does_not_fail_its_group(
     assert isinstance(outcomes[2], AppendResult) and outcomes[2].accepted == 1
     assert sorted(await stored_users(mayak, ws["id"])) == ["good0", "good1", "good2"]
     # the failed request's messageId was rolled back too: a retry is not taken for a duplicate
-    monkeypatch.setattr(writer_module, "append", real)
+    monkeypatch.setattr(writer_module, "deduplicate", real)
     retry = await mayak.writer.submit([event(ws["id"], "poison", "m-poison")])
     assert (retry.accepted, retry.duplicates) == (1, 0)
 
@@ -89,10 +89,10 @@ async def test_one_failing_request_does_not_fail_its_group(
 async def test_failure_reaches_every_waiter(
     mayak: Mayak, ws: dict[str, Any], monkeypatch: Any, n: int
 ) -> None:
-    async def broken(db: Any, conn: Any, batch: Sequence[NewEvent]) -> AppendResult:
+    async def broken(db: Any, conn: Any, batch: Sequence[NewEvent]) -> tuple[AppendResult, list[NewEvent]]:
         raise RuntimeError("database down")
 
-    monkeypatch.setattr(writer_module, "append", broken)
+    monkeypatch.setattr(writer_module, "deduplicate", broken)
     outcomes = await asyncio.gather(
         *(mayak.writer.submit([event(ws["id"], f"u{i}")]) for i in range(n)), return_exceptions=True
     )

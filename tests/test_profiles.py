@@ -10,7 +10,7 @@ import pytest
 from mayak.platform import Mayak
 from tests.conftest import admin, write_auth
 
-pytestmark = pytest.mark.contract
+pytestmark = [pytest.mark.contract, pytest.mark.both_modes]
 
 
 async def send(client: httpx.AsyncClient, ws: dict[str, Any], *events: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ class Settings:
     max_json_depth: int = 32
     sqlite_synchronous: str = "NORMAL"
     pipeline_batch_size: int = 2000
+    inline_pipeline: bool = True
     outbox_max_attempts: int = 8
     outbox_base_delay_ms: int = 1000
     webhook_timeout_s: float = 10.0
@@ -46,6 +47,7 @@ class Settings:
             max_request_bytes=_env_int("MAYAK_MAX_REQUEST_BYTES", cls.max_request_bytes),
             sqlite_synchronous=env.get("MAYAK_SQLITE_SYNCHRONOUS", cls.sqlite_synchronous).upper(),
             pipeline_batch_size=_env_int("MAYAK_PIPELINE_BATCH_SIZE", cls.pipeline_batch_size),
+            inline_pipeline=env.get("MAYAK_INLINE_PIPELINE", "1") not in ("0", "false", "no"),
             outbox_max_attempts=_env_int("MAYAK_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             outbox_base_delay_ms=_env_int("MAYAK_OUTBOX_BASE_DELAY_MS", cls.outbox_base_delay_ms),
             webhook_timeout_s=float(env.get("MAYAK_WEBHOOK_TIMEOUT_S") or cls.webhook_timeout_s),

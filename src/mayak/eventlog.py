@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -67,12 +67,26 @@ class LogNotifier:
 async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent]) -> AppendResult:
     """Append events inside the caller's write transaction, dropping duplicates by ``dedup_key``.
 
-    Every event of ``batch`` gets an ``id``; duplicates (already seen within the window, or repeated
-    inside the batch) are flagged and not stored.
+    Every stored event of ``batch`` gets an ``id`` and a ``seq``; duplicates (already seen within the
+    window, or repeated inside the batch) are flagged and not stored.
+    """
+    result, kept = await deduplicate(db, conn, batch)
+    if kept:
+        await insert(db, conn, kept, await reserve_seqs(db, conn, len(kept)))
+    return result
+
+
+async def deduplicate(
+    db: Database, conn: AsyncConnection, batch: Sequence[NewEvent]
+) -> tuple[AppendResult, list[NewEvent]]:
+    """Step one of an append: flag duplicates, remember the new dedup keys, give the rest ids.
+
+    On PostgreSQL this takes each workspace's append lock (held to commit), which is what keeps a
+    workspace's events visible in ``seq`` order.
     """
     result = AppendResult(duplicate_flags=[False] * len(batch))
     if not batch:
-        return result
+        return result, []
     now = now_ms()
     by_ws: dict[str, list[int]] = {}
     for i, ev in enumerate(batch):
@@ -106,34 +120,78 @@ async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent])
                 fresh_keys,
             )
     result.duplicates = len(batch) - len(keep)
-    if keep:
-        ids = new_ids("evt", len(keep))
-        rows: list[tuple[Any, ...]] = []
-        for i, evt_id in zip(keep, ids, strict=True):
-            ev = batch[i]
-            ev.id = evt_id
-            ev.payload["messageId"] = ev.payload.get("messageId") or evt_id
-            rows.append(
-                (
-                    evt_id,
-                    ev.workspace_id,
-                    ev.type,
-                    ev.name,
-                    ev.customer_id,
-                    ev.timestamp,
-                    ev.received_at or now,
-                    ev.source,
-                    ev.actor,
-                    dump_json(ev.payload),
-                )
-            )
-        await conn.exec_driver_sql(
-            "INSERT INTO events (id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
-            f"actor, payload) VALUES ({sql.values(10)})",
-            rows,
-        )
     result.accepted = len(keep)
-    return result
+    kept = [batch[i] for i in sorted(keep)]
+    for ev, evt_id in zip(kept, new_ids("evt", len(kept)), strict=True):
+        ev.id = evt_id
+        ev.payload["messageId"] = ev.payload.get("messageId") or evt_id
+        ev.received_at = ev.received_at or now
+    return result, kept
+
+
+async def reserve_seqs(db: Database, conn: AsyncConnection, count: int) -> list[int]:
+    """The next ``count`` log sequence numbers, inside the caller's write transaction.
+
+    SQLite: the table is AUTOINCREMENT, so a number is never reused even after deletions (an erased
+    or suppressed last event must not hand its number to a newer one behind a consumer's cursor);
+    the process's single writer makes max+1… safe, and another process racing us fails the commit on
+    the primary key rather than reusing a number. PostgreSQL: the column's sequence.
+    """
+    if db.dialect == "postgresql":
+        rows = await conn.exec_driver_sql(
+            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) FROM generate_series(1, $1)", (count,)
+        )
+        return sorted(int(r[0]) for r in rows)
+    row = (
+        await conn.exec_driver_sql(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+            " coalesce((SELECT max(seq) FROM events), 0))"
+        )
+    ).first()
+    start = int(row[0]) + 1 if row else 1
+    return list(range(start, start + count))
+
+
+class StorableEvent(Protocol):
+    """What ``insert`` needs of an event (both NewEvent and LoggedEvent have it)."""
+
+    id: str
+    workspace_id: str
+    type: str
+    name: str | None
+    customer_id: str | None
+    timestamp: int
+    received_at: int
+    source: str
+    actor: str | None
+    payload: dict[str, Any]
+
+
+async def insert(
+    db: Database, conn: AsyncConnection, kept: Sequence[StorableEvent], seqs: Sequence[int]
+) -> None:
+    """Step two of an append: store deduplicated events under the given sequence numbers."""
+    sql = FastSql(db.dialect)
+    await conn.exec_driver_sql(
+        "INSERT INTO events (seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
+        f"actor, payload) VALUES ({sql.values(11)})",
+        [
+            (
+                seq,
+                ev.id,
+                ev.workspace_id,
+                ev.type,
+                ev.name,
+                ev.customer_id,
+                ev.timestamp,
+                ev.received_at,
+                ev.source,
+                ev.actor,
+                dump_json(ev.payload),
+            )
+            for ev, seq in zip(kept, seqs, strict=True)
+        ],
+    )
 
 
 async def prune_dedup_keys(db: Database, window_days: int) -> int:

@@ -62,6 +62,8 @@ class Mayak:
             routers=[self.destinations.route],
             workspaces=self.workspaces,
         )
+        if settings.inline_pipeline:
+            self.writer.pipeline = self.pipeline
         self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()

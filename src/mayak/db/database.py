@@ -129,9 +129,18 @@ class Database:
         On SQLite the process-wide write lock already serialises every writer.
         """
         if self.dialect == "postgresql":
-            digest = hashlib.blake2b(f"{purpose}:{workspace_id}".encode(), digest_size=8).digest()
-            key = int.from_bytes(digest, "big", signed=True)
-            await conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            await conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(workspace_id, purpose)}
+            )
+
+    async def try_lock_workspace(self, conn: AsyncConnection, workspace_id: str, purpose: str) -> bool:
+        """Like ``lock_workspace`` but gives up at once when another transaction holds the lock."""
+        if self.dialect != "postgresql":
+            return True
+        result = await conn.execute(
+            sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_key(workspace_id, purpose)}
+        )
+        return bool(result.scalar())
 
     async def create_all(self) -> None:
         """Create the schema directly (tests and the memory backend); real installs use migrations."""
@@ -148,3 +157,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _lock_key(workspace_id: str, purpose: str) -> int:
+    digest = hashlib.blake2b(f"{purpose}:{workspace_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)

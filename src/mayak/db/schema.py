@@ -65,6 +65,7 @@ events = sa.Table(
     sa.Column("payload", sa.Text, nullable=False),  # the normalised event as JSON
     sa.Index("ix_events_ws_seq", "workspace_id", "seq"),
     sa.Index("ix_events_customer", "workspace_id", "customer_id", "seq"),
+    sqlite_autoincrement=True,  # never reuse a number (see eventlog.reserve_seqs)
 )
 
 # Per-source dedup keys (Segment messageId, Telegram update_id, …) within a window.

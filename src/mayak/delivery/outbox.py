@@ -53,6 +53,18 @@ log = structlog.get_logger("mayak.outbox")
 
 PENDING, IN_FLIGHT, SENT, FAILED, DEAD = "pending", "in_flight", "sent", "failed", "dead"
 STATUSES = (PENDING, IN_FLIGHT, SENT, FAILED, DEAD)
+_NOW = sa.bindparam("now", type_=sa.BigInteger)
+# Is anything due at all? (index ix_outbox_due; cheap, on a read connection)
+_ANY_DUE = (
+    sa.select(outbox.c.id)
+    .where(
+        sa.or_(
+            sa.and_(outbox.c.status.in_((PENDING, FAILED)), outbox.c.next_attempt_at <= _NOW),
+            sa.and_(outbox.c.status == IN_FLIGHT, outbox.c.lease_until <= _NOW),
+        )
+    )
+    .limit(1)
+)
 UNDELIVERED = (PENDING, IN_FLIGHT, FAILED)
 MAX_BACKOFF_MS = 3_600_000
 LEASE_MARGIN_MS = 30_000
@@ -236,12 +248,14 @@ class OutboxDispatcher:
         self.attempt_timeout_s = attempt_timeout_s or max(30.0, settings.webhook_timeout_s * 2)
         self.lease_ms = int(self.attempt_timeout_s * 1000) + LEASE_MARGIN_MS
         self._handlers: dict[str, Handler] = {}
+        self._claim_query: sa.Select[Any] | None = None
         self._recorder = _Recorder(self._record)
         self._rng = random.Random()
         self._depth_refreshed = -1e9
 
     def register(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler
+        self._claim_query = None  # rebuilt with the new kind on the next claim
 
     # -- entry points --------------------------------------------------------------------------
 
@@ -346,8 +360,29 @@ class OutboxDispatcher:
         not stall the customer's later ones. The heads are found with one GROUP BY over the
         undelivered rows (index ``ix_outbox_due``), so the cost follows the backlog, not the history.
         """
+        if self._claim_query is None:
+            self._claim_query = self._build_claim_query()
+        async with self.db.read() as conn:  # most polls find nothing: do not take the write lock
+            if (await conn.execute(_ANY_DUE, {"now": now})).first() is None:
+                return []
+        query = self._claim_query
+        lease = now + self.lease_ms
+        async with self.db.write() as conn:
+            rows = [dict(r) for r in (await conn.execute(query, {"now": now, "limit": limit})).mappings()]
+            if not rows:
+                return []
+            await conn.execute(
+                outbox.update()
+                .where(outbox.c.id.in_([r["id"] for r in rows]))
+                .values(status=IN_FLIGHT, lease_until=lease, updated_at=now)
+            )
+        return [_Claimed(_to_row(r), lease) for r in rows]
+
+    def _build_claim_query(self) -> sa.Select[Any]:
+        """Built once per dispatcher (its handlers are fixed by then); ``now`` and ``limit`` are bound."""
         o = outbox.alias("o")
         p = outbox.alias("p")
+        now = sa.bindparam("now", type_=sa.BigInteger)
         due = sa.or_(
             sa.and_(o.c.status.in_((PENDING, FAILED)), o.c.next_attempt_at <= now),
             sa.and_(o.c.status == IN_FLIGHT, o.c.lease_until <= now),
@@ -362,22 +397,12 @@ class OutboxDispatcher:
             .where(due, o.c.kind.in_(list(self._handlers)))
             .where(sa.or_(o.c.customer_id.is_(None), o.c.id.in_(heads)))
             .order_by(o.c.next_attempt_at, o.c.id)
-            .limit(limit)
+            .limit(sa.bindparam("limit", type_=sa.Integer))
         )
         if self.db.dialect == "postgresql":
             # A head another dispatcher is claiming is skipped, and its lane-mates are not heads.
             query = query.with_for_update(of=o, skip_locked=True)
-        lease = now + self.lease_ms
-        async with self.db.write() as conn:
-            rows = [dict(r) for r in (await conn.execute(query)).mappings()]
-            if not rows:
-                return []
-            await conn.execute(
-                outbox.update()
-                .where(outbox.c.id.in_([r["id"] for r in rows]))
-                .values(status=IN_FLIGHT, lease_until=lease, updated_at=now)
-            )
-        return [_Claimed(_to_row(r), lease) for r in rows]
+        return query
 
     # -- delivering ----------------------------------------------------------------------------
 

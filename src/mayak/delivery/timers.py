@@ -100,6 +100,13 @@ async def cancel(conn: AsyncConnection, workspace_id: str, key: str) -> bool:
     return bool(res.rowcount)
 
 
+_ANY_DUE = (
+    sa.select(timers.c.id)
+    .where(timers.c.status == PENDING, timers.c.fire_at <= sa.bindparam("now", type_=sa.BigInteger))
+    .limit(1)
+)
+
+
 class TimerWorker:
     """Fires due timers into the log and wakes the log's consumers."""
 
@@ -120,6 +127,9 @@ class TimerWorker:
         )
         if self.db.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)
+        async with self.db.read() as conn:  # most polls find nothing: do not take the write lock
+            if (await conn.execute(_ANY_DUE, {"now": clock})).first() is None:
+                return 0
         async with self.db.write() as conn:
             due = list((await conn.execute(query)).mappings())
             if not due:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
-from mayak.eventlog import AppendResult, LogNotifier, NewEvent, append
+from mayak.eventlog import AppendResult, LogNotifier, NewEvent, deduplicate, insert, reserve_seqs
 from mayak.metrics import Metrics
+
+if TYPE_CHECKING:
+    from mayak.pipeline.processor import Pipeline
 
 log = structlog.get_logger("mayak.ingest")
 
@@ -33,6 +38,8 @@ class IngestWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        # Set by the platform when profiles are processed inline (see Pipeline.process_new).
+        self.pipeline: Pipeline | None = None
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -52,9 +59,9 @@ class IngestWriter:
             return AppendResult()
         if self._task is None:
             async with self.db.write() as conn:
-                result = await append(self.db, conn, batch)
+                result, advanced = await self._append(conn, batch)
             self._count(result)
-            self.notifier.notify()
+            await self._committed(advanced)
             return result
         fut: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.append((batch, fut))
@@ -66,6 +73,33 @@ class IngestWriter:
         """Wait until everything submitted so far is committed."""
         if self._task is not None:
             await self._idle.wait()
+
+    async def _append(
+        self, conn: AsyncConnection, batch: Sequence[NewEvent]
+    ) -> tuple[AppendResult, dict[str, int]]:
+        """Deduplicate and store ``batch``; where a workspace's pipeline lane is caught up, process
+        its events in this same transaction. Returns the result and the lanes' new positions."""
+        result, kept = await deduplicate(self.db, conn, batch)
+        by_ws: dict[str, list[NewEvent]] = {}
+        for ev in kept:
+            by_ws.setdefault(ev.workspace_id, []).append(ev)
+        advanced: dict[str, int] = {}
+        for ws_id, events in by_ws.items():
+            seqs = await reserve_seqs(self.db, conn, len(events))  # per workspace: derived events follow
+            position = None
+            if self.pipeline is not None:
+                position = await self.pipeline.process_new(conn, ws_id, events, seqs)
+            if position is None:
+                await insert(self.db, conn, events, seqs)
+            else:
+                advanced[ws_id] = position
+        return result, advanced
+
+    async def _committed(self, advanced: dict[str, int]) -> None:
+        self.notifier.notify()
+        if self.pipeline is not None:
+            for ws_id, position in advanced.items():
+                await self.pipeline.advanced(ws_id, position)
 
     def _count(self, result: AppendResult) -> None:
         self.metrics.events_accepted.inc(result.accepted)
@@ -90,7 +124,7 @@ class IngestWriter:
         flat = [ev for batch, _ in group for ev in batch]
         try:
             async with self.db.write() as conn:
-                result = await append(self.db, conn, flat)
+                result, advanced = await self._append(conn, flat)
         except Exception as exc:  # nothing of this group was committed
             if len(group) > 1:
                 # one request's events must not fail its neighbours: commit each request on its own
@@ -103,7 +137,7 @@ class IngestWriter:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        self.notifier.notify()
+        await self._committed(advanced)
         offset = 0
         for batch, fut in group:
             flags = result.duplicate_flags[offset : offset + len(batch)]

@@ -289,7 +289,9 @@ class ProfileBatch:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def write(self, items: list[_Item]) -> list[LoggedEvent]:
+    async def write(self, items: list[_Item], *, stored: bool = True) -> list[LoggedEvent]:
+        """Write profiles, identities and merges; with ``stored``, also fix the stored events'
+        attribution (inline processing inserts them already attributed)."""
         conn, ws = self.conn, self.ws
         for loser, _ in self.merges:
             survivor = self.find(loser)
@@ -337,6 +339,22 @@ class ProfileBatch:
             await conn.exec_driver_sql(
                 f"UPDATE customers SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed_rows
             )
+        out, updates, dropped = self.attribute(items)
+        if stored and updates:
+            await conn.exec_driver_sql(
+                f"UPDATE events SET customer_id = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
+            )
+        if stored and dropped:
+            await conn.exec_driver_sql(
+                f"DELETE FROM events WHERE seq = {sql.p(1)}", [(seq,) for seq in dropped]
+            )
+        return out
+
+    def attribute(
+        self, items: list[_Item]
+    ) -> tuple[list[LoggedEvent], list[tuple[str | None, int]], list[int]]:
+        """Give every kept event its final customer; returns (kept events, changed attributions as
+        (customer, seq), seqs of dropped events)."""
         updates: list[tuple[str | None, int]] = []
         dropped: list[int] = []
         out: list[LoggedEvent] = []
@@ -350,15 +368,7 @@ class ProfileBatch:
                 updates.append((owner, ev.seq))
                 ev.customer_id = owner
             out.append(ev)
-        if updates:
-            await conn.exec_driver_sql(
-                f"UPDATE events SET customer_id = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
-            )
-        if dropped:
-            await conn.exec_driver_sql(
-                f"DELETE FROM events WHERE seq = {sql.p(1)}", [(seq,) for seq in dropped]
-            )
-        return out
+        return out, updates, dropped
 
 
 EVENT_COLUMNS = (

@@ -31,6 +31,7 @@ from mayak.ingest.segment import depth_ok, nul_path, validate_consents, validate
 from mayak.ingest.writer import IngestWriter
 from mayak.pipeline.identity import normalise, normalise_kind, suppression_hash
 from mayak.pipeline.processor import CONSUMER, Pipeline
+from mayak.pipeline.profile import CONTEXT_STAMP
 from mayak.timeutil import ms_to_rfc3339, now_ms, parse_rfc3339_ms
 from mayak.workspaces.service import WorkspaceService
 
@@ -154,6 +155,7 @@ class CustomerService:
     def _view(self, row: Any, idents: Sequence[Any], merged_ids: list[str]) -> dict[str, Any]:
         context = dict(row.context)
         hints = context.pop("channel_hints", [])
+        context.pop(CONTEXT_STAMP, None)
         channels = sorted(
             {IDENTITY_CHANNELS[i.kind] for i in idents if i.kind in IDENTITY_CHANNELS} | set(hints)
         )

@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mayak import eventlog
 from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql
 from mayak.db.schema import consumer_cursors, events, suppressions, workspaces
-from mayak.eventlog import LoggedEvent, LogNotifier, append
+from mayak.eventlog import LoggedEvent, LogNotifier, NewEvent, append
 from mayak.metrics import Metrics
 from mayak.pipeline.batch import EVENT_COLUMNS, ProfileBatch, logged_from_tuple
 from mayak.timeutil import now_ms
@@ -124,7 +126,6 @@ class Pipeline:
     async def _process_batch(self, ws_id: str) -> int:
         if not await self._has_work(ws_id):
             return 0
-        region = await self.region(ws_id)
         started = time.perf_counter()
         async with self.db.write() as conn:
             await self.db.lock_workspace(conn, ws_id, CONSUMER)
@@ -141,31 +142,10 @@ class Pipeline:
                 self._positions[ws_id] = position
                 return 0
             logged = [logged_from_tuple(r) for r in rows]
-            now = now_ms()
-            batch = ProfileBatch(self.db, conn, ws_id, region, now)
-            has_suppressions = (
-                await conn.execute(
-                    sa.select(suppressions.c.hash).where(suppressions.c.workspace_id == ws_id).limit(1)
-                )
-            ).first() is not None
-            items = await batch.load(logged, has_suppressions)
-            batch.process(items)
-            routed = await batch.write(items)
-            if batch.derived:
-                await append(self.db, conn, batch.derived)
-            for router in self.routers:
-                await router(conn, ws_id, routed)
+            batch, items = await self._resolve(conn, ws_id, logged)
             new_position = rows[-1][0]
-            await self._save_cursor(conn, ws_id, new_position, now)
-        dropped = len(logged) - len(routed)
-        self.metrics.events_processed.inc(len(routed))
-        if dropped:
-            self.metrics.events_suppressed.inc(dropped)
-        if batch.merges:
-            self.metrics.merges.inc(len(batch.merges))
-        if batch.conflicts:
-            self.metrics.conflicts.inc(batch.conflicts)
-        if batch.derived:
+            derived = await self._finish(conn, ws_id, batch, items, new_position, stored=True)
+        if derived:
             self.notifier.notify()
         log.debug(
             "pipeline_batch",
@@ -173,10 +153,99 @@ class Pipeline:
             events=len(rows),
             ms=round((time.perf_counter() - started) * 1000, 1),
         )
-        async with self._progress:
-            self._positions[ws_id] = new_position
-            self._progress.notify_all()
+        await self.advanced(ws_id, new_position)
         return len(rows)
+
+    async def process_new(
+        self, conn: AsyncConnection, ws_id: str, kept: list[NewEvent], seqs: list[int]
+    ) -> int | None:
+        """Process events *while they are being appended*, in the appending transaction.
+
+        Only when the workspace's lane is caught up (nothing older waits), so log order is kept.
+        Saves reading the events back, attributing them with a second write and a second commit.
+        Stores the events itself and returns the new cursor position; returns None (and stores
+        nothing) when the events must wait for the lane, and the caller stores them plainly.
+        """
+        if not await self._caught_up(conn, ws_id):
+            return None
+        logged = [
+            LoggedEvent(
+                seq,
+                ev.id,
+                ws_id,
+                ev.type,
+                ev.name,
+                ev.customer_id,
+                ev.timestamp,
+                ev.received_at,
+                ev.source,
+                ev.actor,
+                ev.payload,
+            )
+            for ev, seq in zip(kept, seqs, strict=True)
+        ]
+        batch, items = await self._resolve(conn, ws_id, logged)
+        routed, _, _ = batch.attribute(items)
+        await eventlog.insert(self.db, conn, routed, [ev.seq for ev in routed])
+        await self._finish(conn, ws_id, batch, items, seqs[-1], stored=False)
+        return seqs[-1]
+
+    async def _caught_up(self, conn: AsyncConnection, ws_id: str) -> bool:
+        if self.db.dialect == "postgresql" and not await self.db.try_lock_workspace(conn, ws_id, CONSUMER):
+            return False  # a lane is processing this workspace right now
+        sql = self.sql
+        last = (
+            await conn.exec_driver_sql(
+                f"SELECT max(seq) FROM events WHERE workspace_id = {sql.p(1)}", (ws_id,)
+            )
+        ).scalar()
+        return await self._cursor(conn, ws_id) >= int(last or 0)
+
+    async def _resolve(
+        self, conn: AsyncConnection, ws_id: str, logged: list[LoggedEvent]
+    ) -> tuple[ProfileBatch, list[Any]]:
+        batch = ProfileBatch(self.db, conn, ws_id, await self.region(ws_id), now_ms())
+        has_suppressions = (
+            await conn.execute(
+                sa.select(suppressions.c.hash).where(suppressions.c.workspace_id == ws_id).limit(1)
+            )
+        ).first() is not None
+        items = await batch.load(logged, has_suppressions)
+        batch.process(items)
+        return batch, items
+
+    async def _finish(
+        self,
+        conn: AsyncConnection,
+        ws_id: str,
+        batch: ProfileBatch,
+        items: list[Any],
+        position: int,
+        *,
+        stored: bool,
+    ) -> int:
+        """Write a resolved batch back, route it, move the cursor; returns how many events it derived."""
+        routed = await batch.write(items, stored=stored)
+        if batch.derived:
+            await append(self.db, conn, batch.derived)
+        for router in self.routers:
+            await router(conn, ws_id, routed)
+        await self._save_cursor(conn, ws_id, position, batch.now)
+        self.metrics.events_processed.inc(len(routed))
+        if len(items) > len(routed):
+            self.metrics.events_suppressed.inc(len(items) - len(routed))
+        if batch.merges:
+            self.metrics.merges.inc(len(batch.merges))
+        if batch.conflicts:
+            self.metrics.conflicts.inc(batch.conflicts)
+        return len(batch.derived)
+
+    async def advanced(self, ws_id: str, position: int) -> None:
+        """A batch up to ``position`` is committed: wake whoever waits for it."""
+        async with self._progress:
+            if position > self._positions.get(ws_id, 0):
+                self._positions[ws_id] = position
+            self._progress.notify_all()
 
     async def _cursor(self, conn: AsyncConnection, ws_id: str) -> int:
         row = (

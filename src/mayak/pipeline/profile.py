@@ -7,7 +7,6 @@ field by field, whichever side was written later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from mayak.db.fastsql import dump_json, load_json
@@ -21,26 +20,90 @@ PROFILE_COLUMNS = (
 )
 JSON_POSITIONS = (3, 4, 5, 6, 7)  # 0-based positions of JSON columns in PROFILE_COLUMNS
 MAX_GROUPS = 50
+CONTEXT_STAMP = "_stamp"  # [event ms, seq] of the newest event whose context was applied
 Stamp = list[int]  # [event ms, seq]
 
 
-@dataclass(slots=True)
 class Profile:
-    id: str
-    created_at: int
-    identified: bool = False
-    traits: dict[str, Any] = field(default_factory=dict)
-    times: dict[str, dict[str, Stamp]] = field(default_factory=dict)  # namespace -> field -> stamp
-    context: dict[str, Any] = field(default_factory=dict)
-    consents: dict[str, dict[str, Any]] = field(default_factory=dict)
-    preferences: dict[str, Any] = field(default_factory=dict)
-    stage: str | None = None
-    stage_at: int | None = None
-    first_seen: int | None = None
-    last_seen: int | None = None
-    merged_into: str | None = None
-    new: bool = False
-    dirty: bool = False
+    """One customer's state. JSON columns are decoded only when a rule touches them, and written back
+    as the stored text when nothing touched them: most events (a ``track`` from a known customer)
+    only move ``last_seen`` and maybe the context, so most of a profile is never decoded."""
+
+    __slots__ = (
+        "_json",
+        "_text",
+        "created_at",
+        "dirty",
+        "first_seen",
+        "id",
+        "identified",
+        "last_seen",
+        "merged_into",
+        "new",
+        "stage",
+        "stage_at",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        created_at: int,
+        *,
+        identified: bool = False,
+        text: list[Any] | None = None,
+        stage: str | None = None,
+        stage_at: int | None = None,
+        first_seen: int | None = None,
+        last_seen: int | None = None,
+        merged_into: str | None = None,
+        new: bool = False,
+        dirty: bool = False,
+    ):
+        self.id = id
+        self.created_at = created_at
+        self.identified = identified
+        # Stored text of traits, times, context, consents, preferences (None once decoded).
+        self._text: list[Any] = text if text is not None else [None] * 5
+        self._json: list[Any] = [None] * 5 if text is not None else [{}, {}, {}, {}, {}]
+        self.stage = stage
+        self.stage_at = stage_at
+        self.first_seen = first_seen
+        self.last_seen = last_seen
+        self.merged_into = merged_into
+        self.new = new
+        self.dirty = dirty
+
+    def _field(self, index: int) -> Any:
+        value = self._json[index]
+        if value is None:
+            value = self._json[index] = load_json(self._text[index])
+        return value
+
+    @property
+    def traits(self) -> dict[str, Any]:
+        value: dict[str, Any] = self._field(0)
+        return value
+
+    @property
+    def times(self) -> dict[str, dict[str, Stamp]]:
+        """namespace (traits, consents, preferences, stage) -> field -> [event ms, seq]"""
+        value: dict[str, dict[str, Stamp]] = self._field(1)
+        return value
+
+    @property
+    def context(self) -> dict[str, Any]:
+        value: dict[str, Any] = self._field(2)
+        return value
+
+    @property
+    def consents(self) -> dict[str, dict[str, Any]]:
+        value: dict[str, dict[str, Any]] = self._field(3)
+        return value
+
+    @property
+    def preferences(self) -> dict[str, Any]:
+        value: dict[str, Any] = self._field(4)
+        return value
 
     # -- last write wins ---------------------------------------------------------------------
 
@@ -98,16 +161,31 @@ class Profile:
             self.last_seen = ts
             self.dirty = True
         if event_context:
-            derived = ctx.derive(event_context)
-            for key, value in derived.items():
-                if self._newer("context", key, stamp):
-                    self.context[key] = value
-                    self.dirty = True
-            for hint in ctx.channel_hints(event_context):
-                hints = self.context.setdefault("channel_hints", [])
-                if hint not in hints:
-                    hints.append(hint)
-                    self.dirty = True
+            self._observe_context(ctx.derive(event_context), ctx.channel_hints(event_context), stamp)
+
+    def _observe_context(self, derived: dict[str, Any], hints: list[str], stamp: Stamp) -> None:
+        """Context fields come from the newest event that carried them; an older event only fills gaps."""
+        if not derived and not hints:
+            return
+        context = self.context
+        current = context.get(CONTEXT_STAMP)
+        newest = current is None or (stamp[0], stamp[1]) >= (current[0], current[1])
+        changed = False
+        for key, value in derived.items():
+            if (newest or key not in context) and context.get(key) != value:
+                context[key] = value
+                changed = True
+        if hints:
+            known = context.setdefault("channel_hints", [])
+            for hint in hints:
+                if hint not in known:
+                    known.append(hint)
+                    changed = True
+        if newest and current != stamp:
+            context[CONTEXT_STAMP] = stamp
+            changed = True
+        if changed:
+            self.dirty = True
 
     def join_group(self, group_id: str) -> None:
         groups = self.context.setdefault("groups", [])
@@ -133,15 +211,16 @@ class Profile:
             stamp = other.times.get("preferences", {}).get(key, [0, 0])
             if self._newer("preferences", key, stamp):
                 self.preferences[key] = value
-        for key, value in other.context.items():
-            if key in ("groups", "channel_hints"):
+        theirs = other.context
+        their_stamp = theirs.get(CONTEXT_STAMP)
+        for key in ("groups", "channel_hints"):
+            if key in theirs:
                 merged = list(self.context.get(key, []))
-                merged += [v for v in value if v not in merged]
+                merged += [v for v in theirs[key] if v not in merged]
                 self.context[key] = merged[-MAX_GROUPS:]
-                continue
-            stamp = other.times.get("context", {}).get(key, [0, 0])
-            if self._newer("context", key, stamp):
-                self.context[key] = value
+        derived = {k: v for k, v in theirs.items() if k not in ("groups", "channel_hints", CONTEXT_STAMP)}
+        if derived:
+            self._observe_context(derived, [], their_stamp or [0, 0])
         if other.stage is not None:
             stamp = other.times.get("stage", {}).get("stage", [0, 0])
             if self.stage is None or self._newer("stage", "stage", stamp):
@@ -157,53 +236,31 @@ class Profile:
     # -- storage -----------------------------------------------------------------------------
 
     @classmethod
-    def from_row(cls, row: Any) -> Profile:
-        return cls(
-            id=row.id,
-            created_at=row.created_at,
-            identified=bool(row.identified),
-            traits=row.traits,
-            times=row.trait_times,
-            context=row.context,
-            consents=row.consents,
-            preferences=row.preferences,
-            stage=row.stage,
-            stage_at=row.stage_at,
-            first_seen=row.first_seen,
-            last_seen=row.last_seen,
-            merged_into=row.merged_into,
-        )
-
-    @classmethod
     def from_tuple(cls, row: Any) -> Profile:
-        """From a driver-level row in PROFILE_COLUMNS order."""
+        """From a driver-level row in PROFILE_COLUMNS order; JSON stays text until used."""
         return cls(
-            id=row[0],
+            row[0],
+            row[12],
             merged_into=row[1],
             identified=bool(row[2]),
-            traits=load_json(row[3]),
-            times=load_json(row[4]),
-            context=load_json(row[5]),
-            consents=load_json(row[6]),
-            preferences=load_json(row[7]),
+            text=[row[3], row[4], row[5], row[6], row[7]],
             stage=row[8],
             stage_at=row[9],
             first_seen=row[10],
             last_seen=row[11],
-            created_at=row[12],
         )
 
     def to_tuple(self, now: int) -> tuple[Any, ...]:
         """Driver-level values in PROFILE_COLUMNS order (JSON columns as text)."""
+        texts = [
+            dump_json(value) if value is not None else _as_text(self._text[i])
+            for i, value in enumerate(self._json)
+        ]
         return (
             self.id,
             self.merged_into,
             self.identified,
-            dump_json(self.traits),
-            dump_json(self.times),
-            dump_json(self.context),
-            dump_json(self.consents),
-            dump_json(self.preferences),
+            *texts,
             self.stage,
             self.stage_at,
             self.first_seen,
@@ -212,21 +269,7 @@ class Profile:
             now,
         )
 
-    def to_row(self, workspace_id: str, now: int) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "workspace_id": workspace_id,
-            "merged_into": self.merged_into,
-            "identified": self.identified,
-            "traits": self.traits,
-            "trait_times": self.times,
-            "context": self.context,
-            "consents": self.consents,
-            "preferences": self.preferences,
-            "stage": self.stage,
-            "stage_at": self.stage_at,
-            "first_seen": self.first_seen,
-            "last_seen": self.last_seen,
-            "created_at": self.created_at,
-            "updated_at": now,
-        }
+
+def _as_text(value: Any) -> str:
+    """Stored JSON back to text (asyncpg hands JSONB over already decoded)."""
+    return value if isinstance(value, str) else dump_json(value)

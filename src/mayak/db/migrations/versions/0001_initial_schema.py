@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 06:17:23.593905
+Create Date: 2026-11-23 06:33:12.186106
 """
 
 from __future__ import annotations
@@ -135,6 +135,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.String(length=40), nullable=True),
         sa.Column("payload", sa.Text(), nullable=False),
         sa.PrimaryKeyConstraint("seq"),
+        sqlite_autoincrement=True,
     )
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.create_index("ix_events_customer", ["workspace_id", "customer_id", "seq"], unique=False)
