@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 
 def now_ms() -> int:
@@ -22,10 +22,27 @@ def parse_rfc3339_ms(value: str) -> int:
     dt = datetime.fromisoformat(value)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return int(dt.timestamp() * 1000)
+    return (dt - _EPOCH) // _MS  # exact: float seconds would lose a millisecond now and then
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+_MINUTE_PREFIXES: dict[int, str] = {}
 
 
 def ms_to_rfc3339(ms: int | None) -> str | None:
+    """``2026-01-02T03:04:05.678Z``. Hot (twice per ingested event): the date-and-minute prefix is
+    formatted once per minute and cached, the rest is arithmetic."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    minute, rest = divmod(ms, 60_000)
+    prefix = _MINUTE_PREFIXES.get(minute)
+    if prefix is None:
+        if len(_MINUTE_PREFIXES) > 4096:
+            _MINUTE_PREFIXES.clear()
+        prefix = datetime.fromtimestamp(minute * 60, UTC).strftime("%Y-%m-%dT%H:%M:")
+        if len(prefix) != 17:  # years before 1000 or after 9999: no fast path
+            return (_EPOCH + ms * _MS).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        _MINUTE_PREFIXES[minute] = prefix
+    seconds, millis = divmod(rest, 1000)
+    return f"{prefix}{seconds:02d}.{millis:03d}Z"

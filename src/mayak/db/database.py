@@ -73,6 +73,7 @@ class Database:
                 cur.execute("PRAGMA cache_size=-65536")
                 cur.execute("PRAGMA temp_store=MEMORY")
                 cur.execute("PRAGMA wal_autocheckpoint=20000")
+                cur.execute("PRAGMA mmap_size=268435456")
                 cur.close()
 
         # SQLite: one writer at a time in this process; in-memory: one connection for everything.
