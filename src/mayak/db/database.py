@@ -75,6 +75,16 @@ class Database:
                 cur.execute("PRAGMA wal_autocheckpoint=20000")
                 cur.execute("PRAGMA mmap_size=268435456")
                 cur.close()
+                # Transactions are begun by us (below), not by the driver's implicit BEGIN before the
+                # first write: a write transaction must hold the lock from its first read on.
+                dbapi_conn.isolation_level = None
+
+            @event.listens_for(self.engine.sync_engine, "begin")
+            def _begin(conn: Any) -> None:
+                # IMMEDIATE takes the write lock at once, so a read-then-write (dedup check, cursor,
+                # seq reservation) is never interleaved with another process writing the same file.
+                immediate = conn.get_execution_options().get("sqlite_immediate", False)
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         # SQLite: one writer at a time in this process; in-memory: one connection for everything.
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
@@ -103,8 +113,11 @@ class Database:
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         try:
-            async with self.engine.begin() as conn:
-                yield conn
+            async with self.engine.connect() as conn:
+                if self.dialect == "sqlite":
+                    await conn.execution_options(sqlite_immediate=True)
+                async with conn.begin():
+                    yield conn
         except DBAPIError as exc:
             raise StorageError("storage_unavailable", f"database error: {exc.orig!s}"[:500]) from exc
 
