@@ -54,6 +54,10 @@ class Database:
                 path = self.url.split("///", 1)[1].split("?")[0]
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+            if not self.memory:
+                # Few connections, each with a bounded page cache: memory stays flat at any size.
+                kwargs["pool_size"] = 4
+                kwargs["max_overflow"] = 0
         else:
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
@@ -70,10 +74,10 @@ class Database:
                     cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute(f"PRAGMA synchronous={sync}")
                 cur.execute("PRAGMA busy_timeout=30000")
-                cur.execute("PRAGMA cache_size=-65536")
+                cur.execute("PRAGMA cache_size=-16384")  # 16 MiB per connection (bounded pool below)
                 cur.execute("PRAGMA temp_store=MEMORY")
                 cur.execute("PRAGMA wal_autocheckpoint=20000")
-                cur.execute("PRAGMA mmap_size=268435456")
+                cur.execute("PRAGMA mmap_size=134217728")  # 128 MiB of the file mapped for reads
                 cur.close()
                 # Transactions are begun by us (below), not by the driver's implicit BEGIN before the
                 # first write: a write transaction must hold the lock from its first read on.
