@@ -57,6 +57,8 @@ class Pipeline:
         self._progress = asyncio.Condition()
         self._positions: dict[str, int] = {}
         self._running = False
+        self._processed = 0
+        self._next_analyze = 10_000
 
     # -- loops -------------------------------------------------------------------------------
 
@@ -232,6 +234,7 @@ class Pipeline:
             await router(conn, ws_id, routed)
         await self._save_cursor(conn, ws_id, position, batch.now)
         self.metrics.events_processed.inc(len(routed))
+        self._processed += len(items)
         if len(items) > len(routed):
             self.metrics.events_suppressed.inc(len(items) - len(routed))
         if batch.merges:
@@ -242,10 +245,25 @@ class Pipeline:
 
     async def advanced(self, ws_id: str, position: int) -> None:
         """A batch up to ``position`` is committed: wake whoever waits for it."""
+        if self._processed >= self._next_analyze:
+            self._next_analyze = self._processed * 2
+            await self._refresh_statistics()
         async with self._progress:
             if position > self._positions.get(ws_id, 0):
                 self._positions[ws_id] = position
             self._progress.notify_all()
+
+    async def _refresh_statistics(self) -> None:
+        """PostgreSQL plans the hot lookups from table statistics; while tables grow from empty far
+        faster than autovacuum samples them, a plan made for a tiny table (an index range filtered
+        row by row) is kept for a huge one. Analyse at 10k, 20k, 40k… processed events."""
+        if self.db.dialect != "postgresql":
+            return
+        try:
+            async with self.db.write() as conn:
+                await conn.exec_driver_sql("ANALYZE identities, customers, events, dedup_keys")
+        except Exception:
+            log.warning("analyze_failed", exc_info=True)
 
     async def _cursor(self, conn: AsyncConnection, ws_id: str) -> int:
         row = (
