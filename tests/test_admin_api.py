@@ -297,3 +297,10 @@ async def test_workspace_endpoint(client, ws) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["id"] == ws["id"]
     assert {k["kind"] for k in r.json()["keys"]} == {"write", "secret"}
+
+
+async def test_request_ids(client) -> None:
+    r = await client.get("/healthz")
+    assert len(r.headers["x-request-id"]) == 32
+    r = await client.get("/healthz", headers={"X-Request-Id": "trace-123"})
+    assert r.headers["x-request-id"] == "trace-123"

@@ -139,8 +139,9 @@ class CustomerService:
         idents = (
             await conn.execute(
                 sa.select(identities.c.kind, identities.c.value, identities.c.created_at)
+                # No ORDER BY: sorting in SQL makes SQLite walk the primary key (it is in that order)
+                # across the whole workspace instead of using the by-customer index.
                 .where(identities.c.workspace_id == ws_id, identities.c.customer_id == survivor)
-                .order_by(identities.c.kind, identities.c.value)
             )
         ).all()
         merged = (
@@ -153,6 +154,7 @@ class CustomerService:
         return self._view(row, idents, [m[0] for m in merged])
 
     def _view(self, row: Any, idents: Sequence[Any], merged_ids: list[str]) -> dict[str, Any]:
+        idents = sorted(idents, key=lambda i: (i.kind, i.value))
         context = dict(row.context)
         hints = context.pop("channel_hints", [])
         context.pop(CONTEXT_STAMP, None)
@@ -254,9 +256,7 @@ class CustomerService:
                         identities.c.kind,
                         identities.c.value,
                         identities.c.created_at,
-                    )
-                    .where(identities.c.workspace_id == ws_id, identities.c.customer_id.in_(ids))
-                    .order_by(identities.c.kind, identities.c.value)
+                    ).where(identities.c.workspace_id == ws_id, identities.c.customer_id.in_(ids))
                 ):
                     idents[ident.customer_id].append(ident)
         items = [self._view(r, idents[r.id], []) for r in page]

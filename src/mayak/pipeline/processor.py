@@ -257,11 +257,14 @@ class Pipeline:
         """PostgreSQL plans the hot lookups from table statistics; while tables grow from empty far
         faster than autovacuum samples them, a plan made for a tiny table (an index range filtered
         row by row) is kept for a huge one. Analyse at 10k, 20k, 40k… processed events."""
-        if self.db.dialect != "postgresql":
-            return
+        statement = (
+            "ANALYZE identities, customers, events, dedup_keys"
+            if self.db.dialect == "postgresql"
+            else "PRAGMA optimize"  # SQLite analyses only the tables whose queries would gain
+        )
         try:
             async with self.db.write() as conn:
-                await conn.exec_driver_sql("ANALYZE identities, customers, events, dedup_keys")
+                await conn.exec_driver_sql(statement)
         except Exception:
             log.warning("analyze_failed", exc_info=True)
 
