@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from typer.testing import CliRunner
 
 from mayak.cli import app
 
 
 @pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MAYAK_DATABASE_URL", f"sqlite:///{tmp_path}/cli.db")
     monkeypatch.setenv("MAYAK_SECRET_KEY", "cli-test-key")
     monkeypatch.setenv("MAYAK_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("MAYAK_LOG_LEVEL", "warning")
-    return tmp_path
+    yield tmp_path
+    structlog.reset_defaults()  # the CLI configured logging onto the runner's (now closed) stream
 
 
 def run(*args: str) -> Any:

@@ -24,6 +24,6 @@ def configure(level: str = "info", json: bool = True) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=True,
+        cache_logger_on_first_use=False,  # a later configure() (tests, CLI) must take effect
     )
     logging.getLogger("alembic").setLevel(max(lvl, logging.WARNING))

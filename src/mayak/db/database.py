@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
 from mayak.db.schema import metadata
 from mayak.errors import StorageError
+
+T = TypeVar("T")
 
 
 def _json_dumps(value: Any) -> str:
@@ -68,7 +71,7 @@ class Database:
             )
 
             @event.listens_for(self.engine.sync_engine, "connect")
-            def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            def _on_connect(dbapi_conn: Any, _record: Any) -> None:
                 cur = dbapi_conn.cursor()
                 if not self.memory:
                     cur.execute("PRAGMA journal_mode=WAL")
@@ -84,11 +87,26 @@ class Database:
                 dbapi_conn.isolation_level = None
 
             @event.listens_for(self.engine.sync_engine, "begin")
-            def _begin(conn: Any) -> None:
+            def _on_begin(conn: Any) -> None:
                 # IMMEDIATE takes the write lock at once, so a read-then-write (dedup check, cursor,
                 # seq reservation) is never interleaved with another process writing the same file.
                 immediate = conn.get_execution_options().get("sqlite_immediate", False)
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        # Point reads on a SQLite file run inline on a plain sqlite3 connection: a lookup takes tens
+        # of microseconds, far less than handing it to a driver thread and back (see run_read).
+        self.sync_engine: Engine | None = None
+        if self.dialect == "sqlite" and not self.memory:
+            self.sync_engine = create_engine(
+                self.url.replace("sqlite+aiosqlite://", "sqlite://"),
+                json_serializer=_json_dumps,
+                json_deserializer=orjson.loads,
+                connect_args={"check_same_thread": False, "timeout": 30},
+                pool_size=2,
+                max_overflow=0,
+            )
+            event.listen(self.sync_engine, "connect", _on_connect)
+            event.listen(self.sync_engine, "begin", _on_begin)
 
         # SQLite: one writer at a time in this process; in-memory: one connection for everything.
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
@@ -173,8 +191,26 @@ class Database:
         except StorageError:
             return False
 
+    async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(connection, *args)`` — a short read written against a sync Connection.
+
+        SQLite file: inline on the event loop (a point read is cheaper than a thread hop).
+        PostgreSQL / in-memory SQLite: on the async connection via ``run_sync``.
+        Keep ``fn`` to a few indexed queries: inline, it blocks the loop while it runs.
+        """
+        if self.sync_engine is not None:
+            try:
+                with self.sync_engine.connect() as conn:
+                    return fn(conn, *args)
+            except DBAPIError as exc:
+                raise StorageError("storage_unavailable", f"database error: {exc.orig!s}"[:500]) from exc
+        async with self.read() as aconn:
+            return await aconn.run_sync(fn, *args)
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
 
 
 def _lock_key(workspace_id: str, purpose: str) -> int:

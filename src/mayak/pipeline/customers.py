@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from mayak.db.database import Database
 from mayak.db.schema import (
@@ -106,52 +106,12 @@ class CustomerService:
 
     async def resolve(self, ws_id: str, customer_id: str) -> str:
         """The surviving id for ``customer_id`` (itself unless it was merged away)."""
-        async with self.db.read() as conn:
-            return await self._resolve_in(conn, ws_id, customer_id)
-
-    async def _resolve_in(self, conn: AsyncConnection, ws_id: str, customer_id: str) -> str:
-        for _ in range(64):  # merge chains are compressed on every merge; this is a safety bound
-            merged_into = (
-                await conn.execute(
-                    sa.select(customers.c.merged_into).where(
-                        customers.c.workspace_id == ws_id, customers.c.id == customer_id
-                    )
-                )
-            ).first()
-            if merged_into is None:
-                break
-            if merged_into[0] is None:
-                return customer_id
-            customer_id = merged_into[0]
-        raise NotFound("customer", "$.id")
+        survivor: str = await self.db.run_read(_resolve, ws_id, customer_id)
+        return survivor
 
     async def get(self, ws_id: str, customer_id: str) -> dict[str, Any]:
-        async with self.db.read() as conn:
-            survivor = await self._resolve_in(conn, ws_id, customer_id)
-            return await self._view_in(conn, ws_id, survivor)
-
-    async def _view_in(self, conn: AsyncConnection, ws_id: str, survivor: str) -> dict[str, Any]:
-        row = (
-            await conn.execute(
-                sa.select(customers).where(customers.c.workspace_id == ws_id, customers.c.id == survivor)
-            )
-        ).one()
-        idents = (
-            await conn.execute(
-                sa.select(identities.c.kind, identities.c.value, identities.c.created_at)
-                # No ORDER BY: sorting in SQL makes SQLite walk the primary key (it is in that order)
-                # across the whole workspace instead of using the by-customer index.
-                .where(identities.c.workspace_id == ws_id, identities.c.customer_id == survivor)
-            )
-        ).all()
-        merged = (
-            await conn.execute(
-                sa.select(customers.c.id).where(
-                    customers.c.workspace_id == ws_id, customers.c.merged_into == survivor
-                )
-            )
-        ).all()
-        return self._view(row, idents, [m[0] for m in merged])
+        row, idents, merged = await self.db.run_read(_load_view, ws_id, customer_id)
+        return self._view(row, idents, merged)
 
     def _view(self, row: Any, idents: Sequence[Any], merged_ids: list[str]) -> dict[str, Any]:
         idents = sorted(idents, key=lambda i: (i.kind, i.value))
@@ -193,20 +153,8 @@ class CustomerService:
         value = normalise(kind, value_raw, await self.pipeline.region(ws_id))
         if value is None:
             raise InvalidRequest("invalid_identity", f"{value_raw!r} is not a valid {kind}", "$.identity")
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(identities.c.customer_id).where(
-                        identities.c.workspace_id == ws_id,
-                        identities.c.kind == kind,
-                        identities.c.value == value,
-                    )
-                )
-            ).first()
-            if row is None:
-                raise NotFound("customer", "$.identity")
-            survivor = await self._resolve_in(conn, ws_id, row.customer_id)
-            return await self._view_in(conn, ws_id, survivor)
+        row, idents, merged = await self.db.run_read(_load_view_by_identity, ws_id, kind, value)
+        return self._view(row, idents, merged)
 
     async def list(
         self,
@@ -519,3 +467,55 @@ class CustomerService:
             seq = await last_seq(conn, ws_id)
         await self.pipeline.wait_for(ws_id, seq, timeout=3600)
         return int(total)
+
+
+# -- point reads: prebuilt statements, run by Database.run_read (inline on SQLite) ------------------
+
+_WS: sa.BindParameter[str] = sa.bindparam("ws")
+_ID: sa.BindParameter[str] = sa.bindparam("id")
+_OWNER_OF = sa.select(identities.c.customer_id).where(
+    identities.c.workspace_id == _WS,
+    identities.c.kind == sa.bindparam("kind"),
+    identities.c.value == sa.bindparam("value"),
+)
+_MERGED_INTO = sa.select(customers.c.merged_into).where(
+    customers.c.workspace_id == _WS, customers.c.id == _ID
+)
+_CUSTOMER = sa.select(customers).where(customers.c.workspace_id == _WS, customers.c.id == _ID)
+# No ORDER BY: sorting in SQL makes SQLite walk the primary key (already in that order) across the
+# whole workspace instead of using the by-customer index; _view sorts.
+_IDENTITIES_OF = sa.select(identities.c.kind, identities.c.value, identities.c.created_at).where(
+    identities.c.workspace_id == _WS, identities.c.customer_id == _ID
+)
+_MERGED_FROM = sa.select(customers.c.id).where(
+    customers.c.workspace_id == _WS, customers.c.merged_into == _ID
+)
+
+
+def _resolve(conn: Connection, ws_id: str, customer_id: str) -> str:
+    for _ in range(64):  # merge chains are compressed on every merge; this is a safety bound
+        merged_into = conn.execute(_MERGED_INTO, {"ws": ws_id, "id": customer_id}).first()
+        if merged_into is None:
+            break
+        if merged_into[0] is None:
+            return customer_id
+        customer_id = merged_into[0]
+    raise NotFound("customer", "$.id")
+
+
+def _load_view(conn: Connection, ws_id: str, customer_id: str) -> tuple[Any, list[Any], list[str]]:
+    survivor = _resolve(conn, ws_id, customer_id)
+    params = {"ws": ws_id, "id": survivor}
+    row = conn.execute(_CUSTOMER, params).one()
+    idents = list(conn.execute(_IDENTITIES_OF, params).all())
+    merged = [m[0] for m in conn.execute(_MERGED_FROM, params)]
+    return row, idents, merged
+
+
+def _load_view_by_identity(
+    conn: Connection, ws_id: str, kind: str, value: str
+) -> tuple[Any, list[Any], list[str]]:
+    owner = conn.execute(_OWNER_OF, {"ws": ws_id, "kind": kind, "value": value}).first()
+    if owner is None:
+        raise NotFound("customer", "$.identity")
+    return _load_view(conn, ws_id, owner[0])
