@@ -61,7 +61,11 @@ def create_workspace(database_url: str, name: str = "bench") -> dict[str, str]:
     """``mayak workspace create NAME --json`` against ``database_url`` (runs the migrations too)."""
     proc = subprocess.run(
         [*mayak_command(), "workspace", "create", name, "--json"],
-        env=mayak_env(database_url), capture_output=True, text=True, timeout=120, check=False,
+        env=mayak_env(database_url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"mayak workspace create failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
@@ -108,7 +112,10 @@ class Server:
     """``mayak serve --port P`` as a child process, its output kept in a log file."""
 
     def __init__(
-        self, database_url: str, log_path: Path, port: int | None = None,
+        self,
+        database_url: str,
+        log_path: Path,
+        port: int | None = None,
         extra_env: dict[str, str] | None = None,
     ):
         self.database_url = database_url
@@ -128,7 +135,9 @@ class Server:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [*mayak_command(), "serve", "--port", str(self.port)],
-            env=mayak_env(self.database_url, **self.extra_env), stdout=self._log, stderr=subprocess.STDOUT,
+            env=mayak_env(self.database_url, **self.extra_env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     async def wait_ready(self, timeout: float = 60.0) -> None:

@@ -60,14 +60,31 @@ BATCH = 100
 EVENTS_PER_CUSTOMER = 10
 IDENTIFY_SLOTS = frozenset({0, 4, 7})
 LINK_SLOT = 4  # an anonymous customer's first event with a userId
-TRACK_NAMES = ("Product Viewed", "Product Added", "Checkout Started", "Order Completed", "Test Drive Booked",
-               "Service Booked", "Brochure Downloaded")
+TRACK_NAMES = (
+    "Product Viewed",
+    "Product Added",
+    "Checkout Started",
+    "Order Completed",
+    "Test Drive Booked",
+    "Service Booked",
+    "Brochure Downloaded",
+)
 PLANS = ("free", "basic", "pro", "enterprise")
 CITIES = ("London", "Manchester", "Leeds", "Glasgow", "Bristol", "Cardiff", "Belfast", "Liverpool")
 FIRST = ("Ann", "Boris", "Chloe", "Dmitri", "Eva", "Farid", "Grace", "Hugo", "Irina", "Jon")
 LAST = ("Smith", "Ivanova", "Jones", "Petrov", "Taylor", "Brown", "Novak", "Wilson")
-EVENT_COLUMNS = ("id", "workspace_id", "type", "name", "customer_id", "timestamp", "received_at", "source",
-                 "actor", "payload")
+EVENT_COLUMNS = (
+    "id",
+    "workspace_id",
+    "type",
+    "name",
+    "customer_id",
+    "timestamp",
+    "received_at",
+    "source",
+    "actor",
+    "payload",
+)
 
 
 # -- the workload -----------------------------------------------------------------------------
@@ -116,8 +133,13 @@ class Workload:
         if slot in IDENTIFY_SLOTS:
             ev["type"] = "identify"
             if anonymous_start and slot < LINK_SLOT:
-                ev["traits"] = {"plan": "free", "city": CITIES[cust % len(CITIES)], "age": 18 + cust % 60,
-                                "utm_source": "newsletter", "referrer": "search"}
+                ev["traits"] = {
+                    "plan": "free",
+                    "city": CITIES[cust % len(CITIES)],
+                    "age": 18 + cust % 60,
+                    "utm_source": "newsletter",
+                    "referrer": "search",
+                }
             else:
                 ev["traits"] = {
                     "name": f"{FIRST[cust % len(FIRST)]} {LAST[(cust // 10) % len(LAST)]}",
@@ -129,11 +151,18 @@ class Workload:
         else:
             ev["type"] = "track"
             ev["event"] = TRACK_NAMES[(cust + slot) % len(TRACK_NAMES)]
-            ev["properties"] = {"product_id": f"sku-{(cust * 7 + slot) % 5000:05d}",
-                                "price": round(5 + (cust * 31 + slot * 17) % 9500 / 10, 2), "currency": "GBP",
-                                "quantity": 1 + slot % 3}
-        ev["context"] = {"library": {"name": "analytics-python", "version": "2.3.3"}, "locale": "en-GB",
-                         "timezone": "Europe/London", "ip": f"10.{cust % 250}.{slot}.{cust % 200 + 1}"}
+            ev["properties"] = {
+                "product_id": f"sku-{(cust * 7 + slot) % 5000:05d}",
+                "price": round(5 + (cust * 31 + slot * 17) % 9500 / 10, 2),
+                "currency": "GBP",
+                "quantity": 1 + slot % 3,
+            }
+        ev["context"] = {
+            "library": {"name": "analytics-python", "version": "2.3.3"},
+            "locale": "en-GB",
+            "timezone": "Europe/London",
+            "ip": f"10.{cust % 250}.{slot}.{cust % 200 + 1}",
+        }
         return ev
 
     def batch_events(self, index: int) -> list[dict[str, Any]]:
@@ -164,8 +193,20 @@ def raw_rows(work: Workload, index: int, ws_id: str) -> list[tuple[Any, ...]]:
         ts = received - (work.base_ms - _parse_iso_ms(ev["timestamp"]))
         payload = dict(ev, originalTimestamp=ev["timestamp"], timestamp=_iso(ts), receivedAt=received_iso)
         name = ev.get("event")
-        rows.append((evt_id, ws_id, ev["type"], name, None, ts, received, "api", "key_bench",
-                     orjson.dumps(payload).decode()))
+        rows.append(
+            (
+                evt_id,
+                ws_id,
+                ev["type"],
+                name,
+                None,
+                ts,
+                received,
+                "api",
+                "key_bench",
+                orjson.dumps(payload).decode(),
+            )
+        )
     return rows
 
 
@@ -213,8 +254,12 @@ def raw_sqlite_baseline(work: Workload, txn_events: int, directory: Path) -> dic
     count = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     conn.close()
     assert count == inserted == work.events, (count, inserted, work.events)
-    return {"transaction_events": txn_events, "events": inserted, "seconds": elapsed,
-            "events_per_s": inserted / elapsed if elapsed else float("nan")}
+    return {
+        "transaction_events": txn_events,
+        "events": inserted,
+        "seconds": elapsed,
+        "events_per_s": inserted / elapsed if elapsed else float("nan"),
+    }
 
 
 # -- databases --------------------------------------------------------------------------------
@@ -295,8 +340,9 @@ class Sender:
                 self.failures.append(f"batch {i}: {answer['errors'][:2]}")
 
 
-async def run_backend(backend: str, work: Workload, bodies: list[bytes], args: argparse.Namespace,
-                      tmp: Path) -> dict[str, Any]:
+async def run_backend(
+    backend: str, work: Workload, bodies: list[bytes], args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
     sqlite_path: Path | None = None
     if backend == "sqlite":
         sqlite_path = tmp / "sqlite" / "mayak.db"
@@ -307,8 +353,10 @@ async def run_backend(backend: str, work: Workload, bodies: list[bytes], args: a
     keys = create_workspace(url, "bench")
     auth = base64.b64encode(f"{keys['write_key']}:".encode()).decode()
     heads = [
-        (f"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n"
-         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        (
+            f"POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
         for body in bodies
     ]
     server = Server(url, tmp / f"server-{backend}.log")
@@ -320,8 +368,11 @@ async def run_backend(backend: str, work: Workload, bodies: list[bytes], args: a
         sender = Sender(heads, bodies)
         samples: list[dict[str, float]] = []
         cpu0, own0 = server.cpu_seconds() or 0.0, self_cpu_seconds()
-        print(f"[{backend}] server pid {server.pid} on port {server.port}; sending {work.events:,} events "
-              f"in {len(bodies):,} requests over {args.connections} connections", flush=True)
+        print(
+            f"[{backend}] server pid {server.pid} on port {server.port}; sending {work.events:,} events "
+            f"in {len(bodies):,} requests over {args.connections} connections",
+            flush=True,
+        )
 
         started = time.perf_counter()
         sending = asyncio.gather(*(sender.worker(c) for c in clients))
@@ -330,9 +381,13 @@ async def run_backend(backend: str, work: Workload, bodies: list[bytes], args: a
             await asyncio.wait({sending_task}, timeout=1.0)
             if not sending_task.done():
                 m = await scrape_metrics(monitor)
-                samples.append({"t": time.perf_counter() - started,
-                                "lag": m.get("mayak_pipeline_lag_events", -1),
-                                "processed": m.get("mayak_events_processed_total", 0)})
+                samples.append(
+                    {
+                        "t": time.perf_counter() - started,
+                        "lag": m.get("mayak_pipeline_lag_events", -1),
+                        "processed": m.get("mayak_events_processed_total", 0),
+                    }
+                )
         await sending_task
         http_done = time.perf_counter() - started
         http_cpu = (server.cpu_seconds() or 0.0) - cpu0
@@ -346,8 +401,9 @@ async def run_backend(backend: str, work: Workload, bodies: list[bytes], args: a
             if lag == 0 and processed >= sender.accepted:
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"pipeline not done after {args.timeout}s: lag {lag}, "
-                                   f"processed {processed}")
+                raise RuntimeError(
+                    f"pipeline not done after {args.timeout}s: lag {lag}, processed {processed}"
+                )
             await asyncio.sleep(args.poll)
         all_done = time.perf_counter() - started
         server_cpu = (server.cpu_seconds() or 0.0) - cpu0
@@ -380,8 +436,9 @@ async def run_backend(backend: str, work: Workload, bodies: list[bytes], args: a
         "server_cpu_s_during_http": http_cpu,
         "server_cpu_s_total": server_cpu,
         "loadgen_cpu_s": own_cpu,
-        "metrics_end": {k: v for k, v in metrics.items()
-                        if k.startswith("mayak_") and not k.endswith("_created")},
+        "metrics_end": {
+            k: v for k, v in metrics.items() if k.startswith("mayak_") and not k.endswith("_created")
+        },
         "progress_samples": samples,
         "db_counts": counts,
     }
@@ -392,27 +449,42 @@ async def run_backend(backend: str, work: Workload, bodies: list[bytes], args: a
 
 def print_result(r: dict[str, Any], raw: dict[str, dict[str, Any]]) -> None:
     lat = r["request_latency_ms"]
-    print(f"\n== {r['backend']}: {r['events']:,} events, {r['customers']:,} customers, "
-          f"{r['requests']:,} requests x {BATCH}, {r['connections']} connections")
-    print(f"  accepted (HTTP done)   {r['accepted_events_per_s']:>12,.0f} events/s   "
-          f"({r['http_seconds']:.2f} s)")
-    print(f"  fully processed        {r['processed_events_per_s']:>12,.0f} events/s   "
-          f"({r['processed_seconds']:.2f} s; pipeline finished {r['lag_at_http_done_s']:.2f} s "
-          "after the last response)")
-    print(f"  request latency ms     p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}  "
-          f"max {lat['max']:.1f}")
-    print(f"  server peak RSS        {r['server_peak_rss_mib']:.0f} MiB "
-          f"(end {r['server_rss_end_mib']:.0f} MiB)")
-    print(f"  server CPU             {r['server_cpu_s_total']:.1f} s ({r['server_cpu_s_during_http']:.1f} s "
-          f"while sending); load generator {r['loadgen_cpu_s']:.1f} s")
-    print(f"  accepted {r['accepted']:,}, duplicates {r['duplicates']:,}, "
-          f"failed requests {r['failed_requests']}")
+    print(
+        f"\n== {r['backend']}: {r['events']:,} events, {r['customers']:,} customers, "
+        f"{r['requests']:,} requests x {BATCH}, {r['connections']} connections"
+    )
+    print(
+        f"  accepted (HTTP done)   {r['accepted_events_per_s']:>12,.0f} events/s   "
+        f"({r['http_seconds']:.2f} s)"
+    )
+    print(
+        f"  fully processed        {r['processed_events_per_s']:>12,.0f} events/s   "
+        f"({r['processed_seconds']:.2f} s; pipeline finished {r['lag_at_http_done_s']:.2f} s "
+        "after the last response)"
+    )
+    print(
+        f"  request latency ms     p50 {lat['p50']:.1f}  p90 {lat['p90']:.1f}  p99 {lat['p99']:.1f}  "
+        f"max {lat['max']:.1f}"
+    )
+    print(
+        f"  server peak RSS        {r['server_peak_rss_mib']:.0f} MiB (end {r['server_rss_end_mib']:.0f} MiB)"
+    )
+    print(
+        f"  server CPU             {r['server_cpu_s_total']:.1f} s ({r['server_cpu_s_during_http']:.1f} s "
+        f"while sending); load generator {r['loadgen_cpu_s']:.1f} s"
+    )
+    print(
+        f"  accepted {r['accepted']:,}, duplicates {r['duplicates']:,}, "
+        f"failed requests {r['failed_requests']}"
+    )
     print(f"  database               {r['db_counts']}")
     for key, base in raw.items():
         ratio = r["processed_events_per_s"] / base["events_per_s"]
         r.setdefault("ratio_to_raw", {})[key] = ratio
-        print(f"  end-to-end / raw sqlite3 ({key})  {ratio:.3f}  "
-              f"({r['processed_events_per_s']:,.0f} / {base['events_per_s']:,.0f} events/s)")
+        print(
+            f"  end-to-end / raw sqlite3 ({key})  {ratio:.3f}  "
+            f"({r['processed_events_per_s']:,.0f} / {base['events_per_s']:,.0f} events/s)"
+        )
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
@@ -421,12 +493,20 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     work = Workload.build(args.events, args.seed)
     bodies = work.bodies()
     size = sum(len(b) for b in bodies)
-    print(f"built {len(bodies):,} request bodies ({work.events:,} events, {work.customers:,} customers, "
-          f"{size / 1e6:.1f} MB, {size / work.events:.0f} B/event) in {time.perf_counter() - t:.1f} s",
-          flush=True)
+    print(
+        f"built {len(bodies):,} request bodies ({work.events:,} events, {work.customers:,} customers, "
+        f"{size / 1e6:.1f} MB, {size / work.events:.0f} B/event) in {time.perf_counter() - t:.1f} s",
+        flush=True,
+    )
     result: dict[str, Any] = {
-        "benchmark": "ingest_http", "machine": machine_info(), "events": work.events,
-        "customers": work.customers, "batch": BATCH, "seed": args.seed, "raw_sqlite": {}, "runs": [],
+        "benchmark": "ingest_http",
+        "machine": machine_info(),
+        "events": work.events,
+        "customers": work.customers,
+        "batch": BATCH,
+        "seed": args.seed,
+        "raw_sqlite": {},
+        "runs": [],
     }
     with tempfile.TemporaryDirectory(prefix="mayak-bench-", dir=args.tmpdir) as tmp_name:
         tmp = Path(tmp_name)
@@ -435,8 +515,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             for txn in (BATCH, 10_000):
                 key = f"txn_{txn}"
                 raw[key] = raw_sqlite_baseline(work, txn, tmp)
-                print(f"raw sqlite3 executemany, one transaction per {txn:,} events: "
-                      f"{raw[key]['events_per_s']:,.0f} events/s ({raw[key]['seconds']:.2f} s)", flush=True)
+                print(
+                    f"raw sqlite3 executemany, one transaction per {txn:,} events: "
+                    f"{raw[key]['events_per_s']:,.0f} events/s ({raw[key]['seconds']:.2f} s)",
+                    flush=True,
+                )
         result["raw_sqlite"] = raw
         for backend in backends:
             run = await run_backend(backend, work, bodies, args, tmp)
@@ -446,21 +529,27 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backend", choices=("sqlite", "postgres", "both"), default="sqlite")
     parser.add_argument("--events", type=int, default=1_000_000, help="total events (N/10 customers)")
     parser.add_argument("--connections", type=int, default=4, help="concurrent keep-alive connections")
-    parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/mayak_bench",
-                        help="PostgreSQL database to DROP and recreate for the run")
+    parser.add_argument(
+        "--pg-url",
+        default="postgresql://postgres@127.0.0.1:5432/mayak_bench",
+        help="PostgreSQL database to DROP and recreate for the run",
+    )
     parser.add_argument("--json-out", default=str(OUT_DIR / "ingest_http.json"), help="'' to skip")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--poll", type=float, default=0.1,
-                        help="seconds between /metrics polls after sending")
+    parser.add_argument(
+        "--poll", type=float, default=0.1, help="seconds between /metrics polls after sending"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="max seconds to wait for the pipeline")
     parser.add_argument("--skip-raw", action="store_true", help="skip the raw sqlite3 baseline")
-    parser.add_argument("--tmpdir", default=None,
-                        help="where the temporary databases go (default: the system's temp folder)")
+    parser.add_argument(
+        "--tmpdir", default=None, help="where the temporary databases go (default: the system's temp folder)"
+    )
     args = parser.parse_args()
     result = run_async(amain(args))
     write_json(args.json_out, result)

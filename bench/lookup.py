@@ -53,9 +53,23 @@ PLANS = ("free", "basic", "pro", "enterprise")
 CITIES = ("London", "Manchester", "Leeds", "Glasgow", "Bristol", "Cardiff", "Belfast", "Liverpool")
 FIRST = ("Ann", "Boris", "Chloe", "Dmitri", "Eva", "Farid", "Grace", "Hugo", "Irina", "Jon")
 LAST = ("Smith", "Ivanova", "Jones", "Petrov", "Taylor", "Brown", "Novak", "Wilson")
-CUSTOMER_COLUMNS = ("id", "workspace_id", "merged_into", "identified", "traits", "trait_times", "context",
-                    "consents", "preferences", "stage", "stage_at", "first_seen", "last_seen", "created_at",
-                    "updated_at")
+CUSTOMER_COLUMNS = (
+    "id",
+    "workspace_id",
+    "merged_into",
+    "identified",
+    "traits",
+    "trait_times",
+    "context",
+    "consents",
+    "preferences",
+    "stage",
+    "stage_at",
+    "first_seen",
+    "last_seen",
+    "created_at",
+    "updated_at",
+)
 IDENTITY_COLUMNS = ("workspace_id", "kind", "value", "customer_id", "created_at")
 
 
@@ -88,11 +102,31 @@ def populate(db_path: Path, ws_id: str, ids: list[str], analyze: bool = False) -
         for i, cid in enumerate(ids):
             created = now - 86_400_000 + i % 86_400_000
             stamp = [created, 0]
-            traits = {"name": f"{FIRST[i % len(FIRST)]} {LAST[(i // 10) % len(LAST)]}", "email": email_of(i),
-                      "plan": PLANS[i % len(PLANS)], "city": CITIES[i % len(CITIES)], "age": 18 + i % 60}
+            traits = {
+                "name": f"{FIRST[i % len(FIRST)]} {LAST[(i // 10) % len(LAST)]}",
+                "email": email_of(i),
+                "plan": PLANS[i % len(PLANS)],
+                "city": CITIES[i % len(CITIES)],
+                "age": 18 + i % 60,
+            }
             times = {"traits": dict.fromkeys(traits, stamp)}
-            yield (cid, ws_id, None, 1, orjson.dumps(traits).decode(), orjson.dumps(times).decode(), empty,
-                   empty, empty, None, None, created, created + i % 3_600_000, created, created)
+            yield (
+                cid,
+                ws_id,
+                None,
+                1,
+                orjson.dumps(traits).decode(),
+                orjson.dumps(times).decode(),
+                empty,
+                empty,
+                empty,
+                None,
+                None,
+                created,
+                created + i % 3_600_000,
+                created,
+                created,
+            )
 
     def identity_rows(kind: str) -> Any:
         for i, cid in enumerate(ids):
@@ -116,8 +150,7 @@ def populate(db_path: Path, ws_id: str, ids: list[str], analyze: bool = False) -
         "identities": conn.execute("SELECT count(*) FROM identities").fetchone()[0],
     }
     conn.close()
-    return {**counts, "seconds": time.perf_counter() - started,
-            "db_mib": db_path.stat().st_size / 1048576}
+    return {**counts, "seconds": time.perf_counter() - started, "db_mib": db_path.stat().st_size / 1048576}
 
 
 class Driver:
@@ -152,8 +185,10 @@ class Driver:
 
 def build_requests(sample: list[int], secret_key: str) -> list[bytes]:
     return [
-        (f"GET /v1/customers?identity=email:{quote(email_of(i), safe='')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-         f"Authorization: Bearer {secret_key}\r\n\r\n").encode()
+        (
+            f"GET /v1/customers?identity=email:{quote(email_of(i), safe='')} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {secret_key}\r\n\r\n"
+        ).encode()
         for i in sample
     ]
 
@@ -167,8 +202,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         keys = create_workspace(url, "bench")
         ids = customer_ids(args.customers)
         loaded = populate(db_path, keys["id"], ids, analyze=args.analyze)
-        print(f"populated {loaded['customers']:,} customers and {loaded['identities']:,} identities in "
-              f"{loaded['seconds']:.1f} s ({loaded['db_mib']:.0f} MiB database)", flush=True)
+        print(
+            f"populated {loaded['customers']:,} customers and {loaded['identities']:,} identities in "
+            f"{loaded['seconds']:.1f} s ({loaded['db_mib']:.0f} MiB database)",
+            flush=True,
+        )
 
         warm_sample = [rng.randrange(args.customers) for _ in range(args.warmup)]
         sample = [rng.randrange(args.customers) for _ in range(args.requests)]
@@ -183,8 +221,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             warm.deadline = time.perf_counter() + min(60.0, args.max_seconds)
             await asyncio.gather(*(warm.worker(c, record=False) for c in clients))
             cpu0, own0 = server.cpu_seconds() or 0.0, self_cpu_seconds()
-            print(f"server pid {server.pid}; {warm.next_index:,} warm-up lookups done; "
-                  f"measuring {args.requests:,} over {args.connections} connections", flush=True)
+            print(
+                f"server pid {server.pid}; {warm.next_index:,} warm-up lookups done; "
+                f"measuring {args.requests:,} over {args.connections} connections",
+                flush=True,
+            )
             started = time.perf_counter()
             measured.deadline = started + args.max_seconds
             await asyncio.gather(*(measured.worker(c, record=True) for c in clients))
@@ -202,50 +243,82 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     stopped_early = done < args.requests
     lat = latency_summary_ms(measured.latencies)
     result = {
-        "benchmark": "lookup", "machine": machine_info(), "backend": "sqlite", "customers": args.customers,
-        "identities": loaded["identities"], "populate_seconds": loaded["seconds"], "db_mib": loaded["db_mib"],
-        "analyzed": args.analyze, "requests": args.requests, "warmup": args.warmup,
-        "connections": args.connections, "seconds": elapsed, "completed": done,
-        "stopped_early": stopped_early, "requests_per_s": done / elapsed, "latency_ms": lat,
+        "benchmark": "lookup",
+        "machine": machine_info(),
+        "backend": "sqlite",
+        "customers": args.customers,
+        "identities": loaded["identities"],
+        "populate_seconds": loaded["seconds"],
+        "db_mib": loaded["db_mib"],
+        "analyzed": args.analyze,
+        "requests": args.requests,
+        "warmup": args.warmup,
+        "connections": args.connections,
+        "seconds": elapsed,
+        "completed": done,
+        "stopped_early": stopped_early,
+        "requests_per_s": done / elapsed,
+        "latency_ms": lat,
         "target_p99_ms": TARGET_P99_MS,
-        "meets_target": lat["p99"] <= TARGET_P99_MS and not failures, "failures": len(failures),
-        "responses_checked": warm.checked + measured.checked, "server_peak_rss_mib": peak_rss,
-        "server_rss_end_mib": rss, "server_cpu_s": server_cpu, "loadgen_cpu_s": own_cpu,
+        "meets_target": lat["p99"] <= TARGET_P99_MS and not failures,
+        "failures": len(failures),
+        "responses_checked": warm.checked + measured.checked,
+        "server_peak_rss_mib": peak_rss,
+        "server_rss_end_mib": rss,
+        "server_cpu_s": server_cpu,
+        "loadgen_cpu_s": own_cpu,
     }
-    print(f"\n== lookup by email: {args.customers:,} customers, {args.requests:,} requests, "
-          f"{args.connections} connections (closed loop){', after ANALYZE' if args.analyze else ''}")
+    print(
+        f"\n== lookup by email: {args.customers:,} customers, {args.requests:,} requests, "
+        f"{args.connections} connections (closed loop){', after ANALYZE' if args.analyze else ''}"
+    )
     print(f"  throughput     {result['requests_per_s']:,.0f} requests/s ({done:,} in {elapsed:.2f} s)")
     if stopped_early:
-        print(f"  STOPPED EARLY  --max-seconds {args.max_seconds:g} reached after "
-              f"{done:,} of {args.requests:,}")
-    print(f"  latency ms     p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
-          f"p99.9 {lat['p99_9']:.2f}  max {lat['max']:.2f}  (mean {lat['mean']:.2f})")
+        print(
+            f"  STOPPED EARLY  --max-seconds {args.max_seconds:g} reached after {done:,} of {args.requests:,}"
+        )
+    print(
+        f"  latency ms     p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
+        f"p99.9 {lat['p99_9']:.2f}  max {lat['max']:.2f}  (mean {lat['mean']:.2f})"
+    )
     verdict = "meets" if result["meets_target"] else "MISSES"
     print(f"  target         p99 <= {TARGET_P99_MS} ms: {verdict}")
-    print(f"  server         peak RSS {peak_rss:.0f} MiB (end {rss:.0f} MiB), CPU {server_cpu:.1f} s; "
-          f"load generator CPU {own_cpu:.1f} s")
-    print(f"  checks         {len(failures)} failures, "
-          f"{result['responses_checked']} response bodies verified")
+    print(
+        f"  server         peak RSS {peak_rss:.0f} MiB (end {rss:.0f} MiB), CPU {server_cpu:.1f} s; "
+        f"load generator CPU {own_cpu:.1f} s"
+    )
+    print(
+        f"  checks         {len(failures)} failures, {result['responses_checked']} response bodies verified"
+    )
     if failures:
         print(f"  first failure  {failures[0]}")
     return result
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--customers", type=int, default=1_000_000, help="customers to load (M)")
     parser.add_argument("--requests", type=int, default=20_000, help="measured lookups (K)")
     parser.add_argument("--warmup", type=int, default=1_000, help="unmeasured lookups first")
     parser.add_argument("--connections", type=int, default=4, help="concurrent keep-alive connections")
-    parser.add_argument("--max-seconds", type=float, default=900,
-                        help="stop starting new measured lookups after this long and report what was done")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=900,
+        help="stop starting new measured lookups after this long and report what was done",
+    )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--analyze", action="store_true",
-                        help="run ANALYZE after loading (the server itself never does; off by default)")
+    parser.add_argument(
+        "--analyze",
+        action="store_true",
+        help="run ANALYZE after loading (the server itself never does; off by default)",
+    )
     parser.add_argument("--json-out", default=str(OUT_DIR / "lookup.json"), help="'' to skip")
-    parser.add_argument("--tmpdir", default=None,
-                        help="where the temporary database goes (default: the system's temp folder)")
+    parser.add_argument(
+        "--tmpdir", default=None, help="where the temporary database goes (default: the system's temp folder)"
+    )
     args = parser.parse_args()
     result = run_async(amain(args))
     write_json(args.json_out, result)
