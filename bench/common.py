@@ -117,7 +117,10 @@ class Server:
         log_path: Path,
         port: int | None = None,
         extra_env: dict[str, str] | None = None,
+        split_worker: bool = False,
     ):
+        self.split_worker = split_worker
+        self.worker: subprocess.Popen[bytes] | None = None
         self.database_url = database_url
         self.port = port or free_port()
         self.log_path = log_path
@@ -133,12 +136,16 @@ class Server:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*mayak_command(), "serve", "--port", str(self.port)],
-            env=mayak_env(self.database_url, **self.extra_env),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        serve = [*mayak_command(), "serve", "--port", str(self.port)]
+        env = mayak_env(self.database_url, **self.extra_env)
+        if self.split_worker:  # API in one process, the profile pipeline in another
+            serve.append("--no-workers")
+            env["MAYAK_INLINE_PIPELINE"] = "0"
+        self.proc = subprocess.Popen(serve, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        if self.split_worker:
+            self.worker = subprocess.Popen(
+                [*mayak_command(), "worker"], env=env, stdout=self._log, stderr=subprocess.STDOUT
+            )
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -169,9 +176,18 @@ class Server:
         return None if kib is None else kib / 1024
 
     def cpu_seconds(self) -> float | None:
-        return proc_cpu_seconds(self.pid)
+        total = proc_cpu_seconds(self.pid)
+        if self.worker is not None and total is not None:
+            total += proc_cpu_seconds(self.worker.pid) or 0.0
+        return total
 
     def stop(self, timeout: float = 20.0) -> None:
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.send_signal(signal.SIGINT)
+            try:
+                self.worker.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:

@@ -266,6 +266,35 @@ def demo_command(
         serve(settings.host, settings.port, True)
 
 
+@app.command("worker")
+def worker() -> None:
+    """Run the pipeline, outbox and timer loops without the HTTP API.
+
+    Pair with ``mayak serve --no-workers`` (and ``MAYAK_INLINE_PIPELINE=0``) to put the API and the
+    profile pipeline in separate processes; on PostgreSQL run as many of each as you like.
+    """
+    import signal
+
+    settings = Settings.from_env()
+    logs.configure(settings.log_level)
+    asyncio.run(upgrade_async(settings.database_url))
+
+    async def main() -> None:
+        mayak_obj = Mayak(settings)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await mayak_obj.start(workers=True)
+        console.print("worker running (pipeline, outbox, timers)")
+        try:
+            await stop.wait()
+        finally:
+            await mayak_obj.close()
+
+    asyncio.run(main())
+
+
 @app.command("serve")
 def serve(
     host: str = typer.Option(None, help="Bind address (MAYAK_HOST, default 127.0.0.1)"),
