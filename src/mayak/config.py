@@ -24,6 +24,7 @@ class Settings:
     max_request_bytes: int = 500 * 1024
     max_json_depth: int = 32
     sqlite_synchronous: str = "NORMAL"
+    sqlite_cache_mb: int = 16
     pipeline_batch_size: int = 2000
     inline_pipeline: bool = True
     outbox_max_attempts: int = 8
@@ -46,6 +47,7 @@ class Settings:
             max_event_bytes=_env_int("MAYAK_MAX_EVENT_BYTES", cls.max_event_bytes),
             max_request_bytes=_env_int("MAYAK_MAX_REQUEST_BYTES", cls.max_request_bytes),
             sqlite_synchronous=env.get("MAYAK_SQLITE_SYNCHRONOUS", cls.sqlite_synchronous).upper(),
+            sqlite_cache_mb=_env_int("MAYAK_SQLITE_CACHE_MB", cls.sqlite_cache_mb),
             pipeline_batch_size=_env_int("MAYAK_PIPELINE_BATCH_SIZE", cls.pipeline_batch_size),
             inline_pipeline=env.get("MAYAK_INLINE_PIPELINE", "1") not in ("0", "false", "no"),
             outbox_max_attempts=_env_int("MAYAK_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),

@@ -44,7 +44,11 @@ def master_key(settings: Settings) -> str:
 class Mayak:
     def __init__(self, settings: Settings, db: Database | None = None):
         self.settings = settings
-        self.db = db or Database(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        self.db = db or Database(
+            settings.database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            sqlite_cache_mb=settings.sqlite_cache_mb,
+        )
         self.box = SecretBox(master_key(settings))
         self.metrics = Metrics()
         self.notifier = LogNotifier()

@@ -45,7 +45,9 @@ def normalise_url(url: str) -> str:
 
 
 class Database:
-    def __init__(self, url: str, *, sqlite_synchronous: str = "NORMAL", pool_size: int = 10):
+    def __init__(
+        self, url: str, *, sqlite_synchronous: str = "NORMAL", sqlite_cache_mb: int = 16, pool_size: int = 10
+    ):
         self.url = normalise_url(url)
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self.memory = self.dialect == "sqlite" and (":memory:" in self.url or self.url.endswith("///"))
@@ -77,7 +79,7 @@ class Database:
                     cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute(f"PRAGMA synchronous={sync}")
                 cur.execute("PRAGMA busy_timeout=30000")
-                cur.execute("PRAGMA cache_size=-16384")  # 16 MiB per connection (bounded pool below)
+                cur.execute(f"PRAGMA cache_size=-{int(sqlite_cache_mb) * 1024}")  # per connection
                 cur.execute("PRAGMA temp_store=MEMORY")
                 cur.execute("PRAGMA wal_autocheckpoint=20000")
                 cur.execute("PRAGMA mmap_size=134217728")  # 128 MiB of the file mapped for reads
