@@ -55,7 +55,8 @@ def test_worker_process_builds_profiles(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["accepted"] == 50
         admin = {"Authorization": f"Bearer {ws['secret_key']}"}
         time.sleep(0.5)  # no worker yet: nothing may be processed
-        assert httpx.get(f"{url}/v1/customers", params={"identity": "user_id:u1"}, headers=admin).status_code == 404
+        early = httpx.get(f"{url}/v1/customers", params={"identity": "user_id:u1"}, headers=admin)
+        assert early.status_code == 404
         worker = subprocess.Popen([*mayak_command(), "worker"], env=env, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
