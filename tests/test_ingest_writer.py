@@ -42,9 +42,11 @@ async def test_concurrent_requests_share_commits(mayak: Mayak, ws: dict[str, Any
     calls: list[int] = []
     real = writer_module.deduplicate
 
-    async def counting(db: Any, conn: Any, batch: Sequence[NewEvent]) -> tuple[AppendResult, list[NewEvent]]:
+    async def counting(
+        db: Any, conn: Any, batch: Sequence[NewEvent], **kw: Any
+    ) -> tuple[AppendResult, list[NewEvent]]:
         calls.append(len(batch))
-        return await real(db, conn, batch)
+        return await real(db, conn, batch, **kw)
 
     monkeypatch.setattr(writer_module, "deduplicate", counting)
     results = await asyncio.gather(*(mayak.writer.submit([event(ws["id"], f"u{i}")]) for i in range(50)))
@@ -59,9 +61,11 @@ async def test_one_failing_request_does_not_fail_its_group(
     real = writer_module.deduplicate
     calls: list[int] = []
 
-    async def fragile(db: Any, conn: Any, batch: Sequence[NewEvent]) -> tuple[AppendResult, list[NewEvent]]:
+    async def fragile(
+        db: Any, conn: Any, batch: Sequence[NewEvent], **kw: Any
+    ) -> tuple[AppendResult, list[NewEvent]]:
         calls.append(len(batch))
-        result = await real(db, conn, batch)  # writes first, so the rollback really has to undo it
+        result = await real(db, conn, batch, **kw)  # writes first, so the rollback really has to undo it
         if any(ev.payload["userId"] == "poison" for ev in batch):
             raise RuntimeError("the database refused a value")
         return result
@@ -89,7 +93,9 @@ async def test_one_failing_request_does_not_fail_its_group(
 async def test_failure_reaches_every_waiter(
     mayak: Mayak, ws: dict[str, Any], monkeypatch: Any, n: int
 ) -> None:
-    async def broken(db: Any, conn: Any, batch: Sequence[NewEvent]) -> tuple[AppendResult, list[NewEvent]]:
+    async def broken(
+        db: Any, conn: Any, batch: Sequence[NewEvent], **kw: Any
+    ) -> tuple[AppendResult, list[NewEvent]]:
         raise RuntimeError("database down")
 
     monkeypatch.setattr(writer_module, "deduplicate", broken)

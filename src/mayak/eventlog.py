@@ -25,6 +25,7 @@ from mayak.ids import new_ids
 from mayak.timeutil import now_ms
 
 APPEND_LOCK = "log"
+DEDUP_WINDOW_MS = 7 * 86_400_000  # default; MAYAK_DEDUP_WINDOW_DAYS
 
 
 @dataclass(slots=True)
@@ -64,20 +65,22 @@ class LogNotifier:
         self._event.clear()
 
 
-async def append(db: Database, conn: AsyncConnection, batch: Sequence[NewEvent]) -> AppendResult:
+async def append(
+    db: Database, conn: AsyncConnection, batch: Sequence[NewEvent], *, window_ms: int | None = None
+) -> AppendResult:
     """Append events inside the caller's write transaction, dropping duplicates by ``dedup_key``.
 
     Every stored event of ``batch`` gets an ``id`` and a ``seq``; duplicates (already seen within the
     window, or repeated inside the batch) are flagged and not stored.
     """
-    result, kept = await deduplicate(db, conn, batch)
+    result, kept = await deduplicate(db, conn, batch, window_ms=window_ms)
     if kept:
         await insert(db, conn, kept, await reserve_seqs(db, conn, len(kept)))
     return result
 
 
 async def deduplicate(
-    db: Database, conn: AsyncConnection, batch: Sequence[NewEvent]
+    db: Database, conn: AsyncConnection, batch: Sequence[NewEvent], *, window_ms: int | None = None
 ) -> tuple[AppendResult, list[NewEvent]]:
     """Step one of an append: flag duplicates, remember the new dedup keys, give the rest ids.
 
@@ -88,6 +91,7 @@ async def deduplicate(
     if not batch:
         return result, []
     now = now_ms()
+    cutoff = now - (DEDUP_WINDOW_MS if window_ms is None else window_ms)
     by_ws: dict[str, list[int]] = {}
     for i, ev in enumerate(batch):
         by_ws.setdefault(ev.workspace_id, []).append(i)
@@ -99,8 +103,9 @@ async def deduplicate(
         seen: set[str] = set()
         if keys:
             found = await conn.exec_driver_sql(
-                f"SELECT key FROM dedup_keys WHERE workspace_id = {sql.p(1)} AND key {sql.in_list(2)}",
-                (ws_id, sql.list_param(keys)),
+                f"SELECT key FROM dedup_keys WHERE workspace_id = {sql.p(1)} AND key {sql.in_list(2)} "
+                f"AND seen_at >= {sql.p(3)}",
+                (ws_id, sql.list_param(keys), cutoff),
             )
             seen.update(r[0] for r in found)
         fresh_keys: list[tuple[str, str, int]] = []
@@ -116,7 +121,8 @@ async def deduplicate(
         if fresh_keys:
             await conn.exec_driver_sql(
                 f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.values(3)}) "
-                "ON CONFLICT DO NOTHING",
+                # a key seen before the window starts counts again from now
+                "ON CONFLICT (workspace_id, key) DO UPDATE SET seen_at = excluded.seen_at",
                 fresh_keys,
             )
     result.duplicates = len(batch) - len(keep)
@@ -194,8 +200,9 @@ async def insert(
     )
 
 
-async def prune_dedup_keys(db: Database, window_days: int) -> int:
-    cutoff = now_ms() - window_days * 86_400_000
+async def prune_dedup_keys(db: Database, window_ms: int = DEDUP_WINDOW_MS) -> int:
+    """Forget dedup keys older than the window (they no longer deduplicate anything)."""
+    cutoff = now_ms() - window_ms
     async with db.write() as conn:
         res = await conn.execute(dedup_keys.delete().where(dedup_keys.c.seen_at < cutoff))
         return int(res.rowcount or 0)

@@ -19,7 +19,7 @@ from mayak.db.database import Database
 from mayak.delivery.destinations import DestinationService
 from mayak.delivery.outbox import OutboxDispatcher
 from mayak.delivery.timers import TimerWorker
-from mayak.eventlog import LogNotifier
+from mayak.eventlog import LogNotifier, prune_dedup_keys
 from mayak.ingest.writer import IngestWriter
 from mayak.metrics import Metrics
 from mayak.pipeline.customers import CustomerService
@@ -28,6 +28,7 @@ from mayak.workspaces.secrets_box import SecretBox, load_or_create_key_file
 from mayak.workspaces.service import WorkspaceService
 
 log = structlog.get_logger("mayak")
+MAINTENANCE_INTERVAL_S = 600.0
 
 
 def master_key(settings: Settings) -> str:
@@ -53,7 +54,9 @@ class Mayak:
         self.metrics = Metrics()
         self.notifier = LogNotifier()
         self.workspaces = WorkspaceService(self.db, self.box)
-        self.writer = IngestWriter(self.db, self.notifier, self.metrics)
+        self.writer = IngestWriter(
+            self.db, self.notifier, self.metrics, dedup_window_ms=settings.dedup_window_days * 86_400_000
+        )
         self.destinations = DestinationService(self.db, self.workspaces, settings)
         self.outbox = OutboxDispatcher(self.db, settings, self.metrics)
         self.outbox.register("webhook", self.destinations.deliver)
@@ -79,10 +82,24 @@ class Mayak:
             self._spawn("pipeline", self.pipeline.run_forever)
             self._spawn("outbox", self.outbox.run_forever)
             self._spawn("timers", self.timers.run_forever)
+            self._spawn("maintenance", self._maintenance)
 
     def _spawn(self, name: str, loop: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
         task = asyncio.create_task(loop(self._stop), name=f"mayak-{name}")
         self._tasks.append(task)
+
+    async def _maintenance(self, stop: asyncio.Event) -> None:
+        """Housekeeping every few minutes: forget dedup keys older than the window."""
+        window_ms = self.settings.dedup_window_days * 86_400_000
+        while not stop.is_set():
+            try:
+                pruned = await prune_dedup_keys(self.db, window_ms)
+                if pruned:
+                    log.info("dedup_keys_pruned", count=pruned)
+            except Exception:
+                log.exception("maintenance_failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), MAINTENANCE_INTERVAL_S)
 
     async def stop(self) -> None:
         self._stop.set()

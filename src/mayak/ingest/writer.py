@@ -29,7 +29,10 @@ MAX_GROUP_EVENTS = 20_000
 
 
 class IngestWriter:
-    def __init__(self, db: Database, notifier: LogNotifier, metrics: Metrics):
+    def __init__(
+        self, db: Database, notifier: LogNotifier, metrics: Metrics, *, dedup_window_ms: int | None = None
+    ):
+        self.dedup_window_ms = dedup_window_ms
         self.db = db
         self.notifier = notifier
         self.metrics = metrics
@@ -79,7 +82,7 @@ class IngestWriter:
     ) -> tuple[AppendResult, dict[str, int]]:
         """Deduplicate and store ``batch``; where a workspace's pipeline lane is caught up, process
         its events in this same transaction. Returns the result and the lanes' new positions."""
-        result, kept = await deduplicate(self.db, conn, batch)
+        result, kept = await deduplicate(self.db, conn, batch, window_ms=self.dedup_window_ms)
         by_ws: dict[str, list[NewEvent]] = {}
         for ev in kept:
             by_ws.setdefault(ev.workspace_id, []).append(ev)

@@ -94,15 +94,6 @@ class WorkspaceService:
             raise NotFound("workspace")
         return {str(k): v for k, v in row._mapping.items()}
 
-    async def find_workspace_by_name(self, name: str) -> dict[str, Any] | None:
-        async with self.db.read() as conn:
-            row = (
-                await conn.execute(
-                    sa.select(workspaces).where(workspaces.c.name == name).order_by(workspaces.c.id)
-                )
-            ).first()
-        return {str(k): v for k, v in row._mapping.items()} if row else None
-
     async def settings(self, ws_id: str) -> dict[str, Any]:
         """A workspace's settings, cached for a few seconds (other processes' changes show within that)."""
         cached = self._settings_cache.get(ws_id)
