@@ -40,11 +40,11 @@ def free_port() -> int:
 class Proc:
     """``mayak serve`` as a child process, its output in a log file."""
 
-    def __init__(self, env: dict[str, str], log: Path):
+    def __init__(self, env: dict[str, str], log: Path, args: tuple[str, ...] = ("serve",)):
         self.log = log
         self.fh = log.open("ab")
         self.p = subprocess.Popen(
-            [*mayak_command(), "serve"], env=env, stdout=self.fh, stderr=subprocess.STDOUT
+            [*mayak_command(), *args], env=env, stdout=self.fh, stderr=subprocess.STDOUT
         )
 
     def wait_ready(self, url: str, timeout: float = 20.0) -> None:

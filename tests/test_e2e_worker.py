@@ -13,22 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_e2e_durability import free_port, mayak_command
+from tests.test_e2e_durability import Proc, free_port, mayak_command
 
 pytestmark = pytest.mark.slow
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"mayak serve exited with {proc.returncode}"
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("mayak serve did not become healthy")
 
 
 def test_worker_process_builds_profiles(tmp_path: Path) -> None:
@@ -46,10 +33,10 @@ def test_worker_process_builds_profiles(tmp_path: Path) -> None:
     )
     ws = json.loads(created.stdout)
     url = f"http://127.0.0.1:{port}"
-    api = subprocess.Popen([*mayak_command(), "serve", "--no-workers"], env=env, stderr=subprocess.DEVNULL)
+    api = Proc(env, tmp_path / "api.log", ("serve", "--no-workers"))
     worker = None
     try:
-        wait_healthy(url, api)
+        api.wait_ready(url)
         batch = [{"type": "identify", "userId": f"u{i}", "traits": {"plan": "pro"}} for i in range(50)]
         r = httpx.post(f"{url}/v1/batch", json={"batch": batch}, auth=(ws["write_key"], ""))
         assert r.status_code == 200 and r.json()["accepted"] == 50
@@ -68,7 +55,7 @@ def test_worker_process_builds_profiles(tmp_path: Path) -> None:
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(20) == 0
     finally:
-        for proc in (worker, api):
+        for proc in (worker, api.p):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(5)

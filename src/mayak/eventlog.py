@@ -22,7 +22,7 @@ from mayak.db.database import Database
 from mayak.db.fastsql import FastSql, dump_json
 from mayak.db.schema import dedup_keys, events
 from mayak.ids import new_ids
-from mayak.timeutil import now_ms
+from mayak.timeutil import ms_to_rfc3339, now_ms
 
 APPEND_LOCK = "log"
 DEDUP_WINDOW_MS = 7 * 86_400_000  # default; MAYAK_DEDUP_WINDOW_DAYS
@@ -230,3 +230,22 @@ class LoggedEvent:
     source: str
     actor: str | None
     payload: dict[str, Any]
+
+
+def event_json(event: Any, payload: dict[str, Any]) -> dict[str, Any]:
+    """The one wire shape of a logged event (admin API, exports, destination webhooks).
+
+    ``event`` is a LoggedEvent or an ``events`` row; ``payload`` its decoded payload.
+    """
+    return {
+        "id": event.id,
+        "seq": event.seq,
+        "type": event.type,
+        "name": event.name,
+        "customer_id": event.customer_id,
+        "timestamp": ms_to_rfc3339(event.timestamp),
+        "received_at": ms_to_rfc3339(event.received_at),
+        "source": event.source,
+        "actor": event.actor,
+        "payload": payload,
+    }

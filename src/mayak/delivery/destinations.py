@@ -27,7 +27,7 @@ from mayak.db.schema import destinations, outbox, outbox_attempts, signing_secre
 from mayak.delivery import webhooks
 from mayak.delivery.outbox import STATUSES, DeliveryOutcome, OutboxItem, OutboxRow, enqueue
 from mayak.errors import InvalidRequest, NotFound
-from mayak.eventlog import LoggedEvent
+from mayak.eventlog import LoggedEvent, event_json
 from mayak.ids import new_id
 from mayak.timeutil import ms_to_rfc3339, now_ms
 from mayak.workspaces.service import WorkspaceService
@@ -226,7 +226,7 @@ class DestinationService:
             for dest in routes:
                 if not dest.matches(event):
                     continue
-                body = body or _event_body(event)
+                body = body or event_json(event, event.payload)
                 items.append(
                     OutboxItem(
                         workspace_id=workspace_id,
@@ -377,19 +377,6 @@ def _delivery(row: Any) -> dict[str, Any]:
         "created_at": ms_to_rfc3339(row["created_at"]),
         "updated_at": ms_to_rfc3339(row["updated_at"]),
         "event": payload.get("event") if isinstance(payload, dict) else None,
-    }
-
-
-def _event_body(event: LoggedEvent) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "seq": event.seq,
-        "type": event.type,
-        "name": event.name,
-        "customer_id": event.customer_id,
-        "timestamp": ms_to_rfc3339(event.timestamp),
-        "received_at": ms_to_rfc3339(event.received_at),
-        "payload": event.payload,
     }
 
 

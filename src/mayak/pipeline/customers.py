@@ -26,7 +26,7 @@ from mayak.db.schema import (
     timers,
 )
 from mayak.errors import EventRejected, InvalidRequest, NotFound
-from mayak.eventlog import NewEvent, append, last_seq
+from mayak.eventlog import NewEvent, append, event_json, last_seq
 from mayak.ingest.segment import depth_ok, nul_path, validate_consents, validate_preferences
 from mayak.ingest.writer import IngestWriter
 from mayak.pipeline.identity import normalise, normalise_kind, suppression_hash
@@ -81,18 +81,7 @@ def _time_param(value: str | None, name: str) -> int | None:
 
 
 def event_view(row: Any) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "seq": row.seq,
-        "type": row.type,
-        "name": row.name,
-        "customer_id": row.customer_id,
-        "timestamp": ms_to_rfc3339(row.timestamp),
-        "received_at": ms_to_rfc3339(row.received_at),
-        "source": row.source,
-        "actor": row.actor,
-        "payload": orjson.loads(row.payload),
-    }
+    return event_json(row, orjson.loads(row.payload))
 
 
 class CustomerService:
