@@ -194,6 +194,8 @@ async def test_route_filters_and_is_idempotent(env: Env) -> None:
             "customer_id": "cus_1",
             "timestamp": "2026-01-01T00:00:00.000Z",
             "received_at": "2026-01-01T00:00:01.000Z",
+            "source": batch[1].source,
+            "actor": batch[1].actor,
             "payload": {"properties": {"total": 1999}},
         },
     }
