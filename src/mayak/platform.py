@@ -20,6 +20,7 @@ from mayak.delivery.destinations import DestinationService
 from mayak.delivery.outbox import OutboxDispatcher
 from mayak.delivery.timers import TimerWorker
 from mayak.eventlog import LogNotifier, prune_dedup_keys
+from mayak.idempotency import IdempotencyStore
 from mayak.ingest.writer import IngestWriter
 from mayak.metrics import Metrics
 from mayak.pipeline.customers import CustomerService
@@ -54,6 +55,7 @@ class Mayak:
         self.metrics = Metrics()
         self.notifier = LogNotifier()
         self.workspaces = WorkspaceService(self.db, self.box)
+        self.idempotency = IdempotencyStore(self.db, self.box)
         self.writer = IngestWriter(
             self.db, self.notifier, self.metrics, dedup_window_ms=settings.dedup_window_days * 86_400_000
         )
@@ -89,13 +91,15 @@ class Mayak:
         self._tasks.append(task)
 
     async def _maintenance(self, stop: asyncio.Event) -> None:
-        """Housekeeping every few minutes: forget dedup keys older than the window."""
+        """Housekeeping every few minutes: forget dedup keys older than the window and expired
+        idempotency keys."""
         window_ms = self.settings.dedup_window_days * 86_400_000
         while not stop.is_set():
             try:
                 pruned = await prune_dedup_keys(self.db, window_ms)
-                if pruned:
-                    log.info("dedup_keys_pruned", count=pruned)
+                expired = await self.idempotency.prune()
+                if pruned or expired:
+                    log.info("maintenance", dedup_keys_pruned=pruned, idempotency_keys_expired=expired)
             except Exception:
                 log.exception("maintenance_failed")
             with contextlib.suppress(TimeoutError):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
 
 from mayak.api.auth import get_mayak, require_secret
+from mayak.api.errors import json_response
+from mayak.idempotency import Answer, fingerprint
 from mayak.workspaces.service import ApiKey
 
 router = APIRouter(tags=["destinations"])
@@ -93,15 +96,29 @@ class AttemptList(BaseModel):
 
 @router.post("/v1/destinations", status_code=201, response_model=DestinationCreated)
 async def create_destination(
-    body: DestinationCreate, request: Request, key: ApiKey = Depends(require_secret)
-) -> dict[str, Any]:
-    return await get_mayak(request).destinations.create(
-        key.workspace_id,
-        name=body.name,
-        url=body.url,
-        event_types=body.event_types,
-        event_names=body.event_names,
-    )
+    body: DestinationCreate,
+    request: Request,
+    key: ApiKey = Depends(require_secret),
+    idempotency_key: str | None = Header(
+        None, description="Retries with the same key get the first answer again (kept 24 h)"
+    ),
+) -> Response:
+    mayak = get_mayak(request)
+
+    async def create() -> Answer:
+        created = await mayak.destinations.create(
+            key.workspace_id,
+            name=body.name,
+            url=body.url,
+            event_types=body.event_types,
+            event_names=body.event_names,
+        )
+        return Answer(201, created)
+
+    request_print = fingerprint(request.method, request.url.path, await request.body())
+    answer = await mayak.idempotency.run(key.workspace_id, idempotency_key, request_print, create)
+    headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
+    return json_response(answer.body, answer.status, headers)
 
 
 @router.get("/v1/destinations", response_model=DestinationList)

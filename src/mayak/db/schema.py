@@ -196,5 +196,17 @@ destinations = sa.Table(
     sa.Column("created_at", Ms, nullable=False),
 )
 
+# Idempotency-Key of POSTs that create something: the first answer is kept (encrypted) for a day.
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("workspace_id", sa.String(40), primary_key=True),
+    sa.Column("key", sa.String(255), primary_key=True),
+    sa.Column("fingerprint", sa.String(64), nullable=False),  # method, path and body digest
+    sa.Column("status", sa.Integer),  # null while the first request is still running
+    sa.Column("response", sa.Text),  # encrypted JSON body
+    sa.Column("created_at", Ms, nullable=False, index=True),
+)
+
 # Tables with a customer_id column that move with a merge and go with an erase.
 CUSTOMER_TABLES = (events, identities, outbox, timers)

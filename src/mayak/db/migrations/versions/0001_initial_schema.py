@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-23 06:33:12.186106
+Create Date: 2026-11-23 07:39:13.862501
 """
 
 from __future__ import annotations
@@ -142,6 +142,19 @@ def upgrade() -> None:
         batch_op.create_index("ix_events_ws_seq", ["workspace_id", "seq"], unique=False)
 
     op.create_table(
+        "idempotency_keys",
+        sa.Column("workspace_id", sa.String(length=40), nullable=False),
+        sa.Column("key", sa.String(length=255), nullable=False),
+        sa.Column("fingerprint", sa.String(length=64), nullable=False),
+        sa.Column("status", sa.Integer(), nullable=True),
+        sa.Column("response", sa.Text(), nullable=True),
+        sa.Column("created_at", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("workspace_id", "key"),
+    )
+    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_idempotency_keys_created_at"), ["created_at"], unique=False)
+
+    op.create_table(
         "identities",
         sa.Column("workspace_id", sa.String(length=40), nullable=False),
         sa.Column("kind", sa.String(length=40), nullable=False),
@@ -270,6 +283,10 @@ def downgrade() -> None:
         batch_op.drop_index("ix_identities_customer")
 
     op.drop_table("identities")
+    with op.batch_alter_table("idempotency_keys", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_idempotency_keys_created_at"))
+
+    op.drop_table("idempotency_keys")
     with op.batch_alter_table("events", schema=None) as batch_op:
         batch_op.drop_index("ix_events_ws_seq")
         batch_op.drop_index("ix_events_customer")
