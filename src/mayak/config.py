@@ -25,6 +25,7 @@ class Settings:
     max_json_depth: int = 32
     sqlite_synchronous: str = "NORMAL"
     sqlite_cache_mb: int = 16
+    sqlite_mmap_mb: int = 128
     pipeline_batch_size: int = 2000
     inline_pipeline: bool = True
     outbox_max_attempts: int = 8
@@ -48,6 +49,7 @@ class Settings:
             max_request_bytes=_env_int("MAYAK_MAX_REQUEST_BYTES", cls.max_request_bytes),
             sqlite_synchronous=env.get("MAYAK_SQLITE_SYNCHRONOUS", cls.sqlite_synchronous).upper(),
             sqlite_cache_mb=_env_int("MAYAK_SQLITE_CACHE_MB", cls.sqlite_cache_mb),
+            sqlite_mmap_mb=_env_int("MAYAK_SQLITE_MMAP_MB", cls.sqlite_mmap_mb),
             pipeline_batch_size=_env_int("MAYAK_PIPELINE_BATCH_SIZE", cls.pipeline_batch_size),
             inline_pipeline=env.get("MAYAK_INLINE_PIPELINE", "1") not in ("0", "false", "no"),
             outbox_max_attempts=_env_int("MAYAK_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),

@@ -50,6 +50,7 @@ class Mayak:
             settings.database_url,
             sqlite_synchronous=settings.sqlite_synchronous,
             sqlite_cache_mb=settings.sqlite_cache_mb,
+            sqlite_mmap_mb=settings.sqlite_mmap_mb,
         )
         self.box = SecretBox(master_key(settings))
         self.metrics = Metrics()

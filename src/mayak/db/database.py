@@ -46,7 +46,13 @@ def normalise_url(url: str) -> str:
 
 class Database:
     def __init__(
-        self, url: str, *, sqlite_synchronous: str = "NORMAL", sqlite_cache_mb: int = 16, pool_size: int = 10
+        self,
+        url: str,
+        *,
+        sqlite_synchronous: str = "NORMAL",
+        sqlite_cache_mb: int = 16,
+        sqlite_mmap_mb: int = 128,
+        pool_size: int = 10,
     ):
         self.url = normalise_url(url)
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
@@ -82,7 +88,7 @@ class Database:
                 cur.execute(f"PRAGMA cache_size=-{int(sqlite_cache_mb) * 1024}")  # per connection
                 cur.execute("PRAGMA temp_store=MEMORY")
                 cur.execute("PRAGMA wal_autocheckpoint=20000")
-                cur.execute("PRAGMA mmap_size=134217728")  # 128 MiB of the file mapped for reads
+                cur.execute(f"PRAGMA mmap_size={int(sqlite_mmap_mb) * 1048576}")  # file mapped for reads
                 cur.close()
                 # Transactions are begun by us (below), not by the driver's implicit BEGIN before the
                 # first write: a write transaction must hold the lock from its first read on.
