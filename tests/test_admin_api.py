@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 from mayak.db.schema import events, identities
 from mayak.platform import Mayak
-from tests.conftest import admin
+from tests.conftest import admin, write_auth
 from tests.test_profiles import by_identity, send
 
 pytestmark = [pytest.mark.contract, pytest.mark.both_modes]
@@ -304,3 +304,10 @@ async def test_request_ids(client) -> None:
     assert len(r.headers["x-request-id"]) == 32
     r = await client.get("/healthz", headers={"X-Request-Id": "trace-123"})
     assert r.headers["x-request-id"] == "trace-123"
+
+
+async def test_a_refused_event_is_counted_once(client, ws) -> None:
+    r = await client.post("/v1/track", json={"userId": "u1"}, auth=write_auth(ws))
+    assert r.status_code == 400 and r.json()["code"] == "missing_field"
+    text = (await client.get("/metrics")).text
+    assert 'mayak_events_rejected_total{code="missing_field"} 1.0' in text

@@ -122,10 +122,11 @@ async def ingest(request: Request, kind: str) -> Response:
                 errors.append({"index": index, "code": exc.code, "message": exc.message, "param": param})
                 mayak.metrics.events_rejected.labels(exc.code).inc()
         if not accepted:
-            if kind != "batch":
+            if kind != "batch":  # already counted as rejected above
                 e = errors[0]
                 status = 413 if e["code"] == "event_too_large" else 400
-                raise InvalidRequest(e["code"], e["message"], e["param"], status=status)
+                refusal = InvalidRequest(e["code"], e["message"], e["param"], status=status)
+                return _with_cors(error_response(refusal), origin)
             return _with_cors(
                 json_response(
                     {
