@@ -289,9 +289,8 @@ class ProfileBatch:
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def write(self, items: list[_Item], *, stored: bool = True) -> list[LoggedEvent]:
-        """Write profiles, identities and merges; with ``stored``, also fix the stored events'
-        attribution (inline processing inserts them already attributed)."""
+    async def write_state(self) -> None:
+        """Write what resolution changed: merges (moving the losers' rows), identities, profiles."""
         conn, ws = self.conn, self.ws
         for loser, _ in self.merges:
             survivor = self.find(loser)
@@ -339,16 +338,18 @@ class ProfileBatch:
             await conn.exec_driver_sql(
                 f"UPDATE customers SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed_rows
             )
-        out, updates, dropped = self.attribute(items)
-        if stored and updates:
-            await conn.exec_driver_sql(
+
+    async def store_attribution(self, updates: list[tuple[str | None, int]], dropped: list[int]) -> None:
+        """For events already in the log: record their customer, delete the suppressed ones."""
+        sql = self.sql
+        if updates:
+            await self.conn.exec_driver_sql(
                 f"UPDATE events SET customer_id = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
             )
-        if stored and dropped:
-            await conn.exec_driver_sql(
+        if dropped:
+            await self.conn.exec_driver_sql(
                 f"DELETE FROM events WHERE seq = {sql.p(1)}", [(seq,) for seq in dropped]
             )
-        return out
 
     def attribute(
         self, items: list[_Item]

@@ -145,8 +145,11 @@ class Pipeline:
                 return 0
             logged = [logged_from_tuple(r) for r in rows]
             batch, items = await self._resolve(conn, ws_id, logged)
+            routed, updates, dropped = batch.attribute(items)
+            await batch.write_state()
+            await batch.store_attribution(updates, dropped)
             new_position = rows[-1][0]
-            derived = await self._finish(conn, ws_id, batch, items, new_position, stored=True)
+            derived = await self._finish(conn, ws_id, batch, len(items), routed, new_position)
         if derived:
             self.notifier.notify()
         log.debug(
@@ -187,9 +190,10 @@ class Pipeline:
             for ev, seq in zip(kept, seqs, strict=True)
         ]
         batch, items = await self._resolve(conn, ws_id, logged)
-        routed, _, _ = batch.attribute(items)
+        routed, _, _ = batch.attribute(items)  # suppressed events are simply not stored
         await eventlog.insert(self.db, conn, routed, [ev.seq for ev in routed])
-        await self._finish(conn, ws_id, batch, items, seqs[-1], stored=False)
+        await batch.write_state()
+        await self._finish(conn, ws_id, batch, len(items), routed, seqs[-1])
         return seqs[-1]
 
     async def _caught_up(self, conn: AsyncConnection, ws_id: str) -> bool:
@@ -221,22 +225,21 @@ class Pipeline:
         conn: AsyncConnection,
         ws_id: str,
         batch: ProfileBatch,
-        items: list[Any],
+        handled: int,
+        routed: list[LoggedEvent],
         position: int,
-        *,
-        stored: bool,
     ) -> int:
-        """Write a resolved batch back, route it, move the cursor; returns how many events it derived."""
-        routed = await batch.write(items, stored=stored)
+        """Append what the batch derived, route its events, move the cursor; returns how many
+        events it derived."""
         if batch.derived:
             await append(self.db, conn, batch.derived)
         for router in self.routers:
             await router(conn, ws_id, routed)
         await self._save_cursor(conn, ws_id, position, batch.now)
         self.metrics.events_processed.inc(len(routed))
-        self._processed += len(items)
-        if len(items) > len(routed):
-            self.metrics.events_suppressed.inc(len(items) - len(routed))
+        self._processed += handled
+        if handled > len(routed):
+            self.metrics.events_suppressed.inc(handled - len(routed))
         if batch.merges:
             self.metrics.merges.inc(len(batch.merges))
         if batch.conflicts:
