@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -32,8 +32,6 @@ class Settings:
     outbox_base_delay_ms: int = 1000
     webhook_timeout_s: float = 10.0
     log_level: str = "info"
-    workers: bool = True
-    extra: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls) -> Settings:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -158,23 +158,8 @@ async def reserve_seqs(db: Database, conn: AsyncConnection, count: int) -> list[
     return list(range(start, start + count))
 
 
-class StorableEvent(Protocol):
-    """What ``insert`` needs of an event (both NewEvent and LoggedEvent have it)."""
-
-    id: str
-    workspace_id: str
-    type: str
-    name: str | None
-    customer_id: str | None
-    timestamp: int
-    received_at: int
-    source: str
-    actor: str | None
-    payload: dict[str, Any]
-
-
 async def insert(
-    db: Database, conn: AsyncConnection, kept: Sequence[StorableEvent], seqs: Sequence[int]
+    db: Database, conn: AsyncConnection, kept: Sequence[NewEvent | LoggedEvent], seqs: Sequence[int]
 ) -> None:
     """Step two of an append: store deduplicated events under the given sequence numbers."""
     sql = FastSql(db.dialect)

@@ -199,13 +199,8 @@ class Pipeline:
     async def _caught_up(self, conn: AsyncConnection, ws_id: str) -> bool:
         if self.db.dialect == "postgresql" and not await self.db.try_lock_workspace(conn, ws_id, CONSUMER):
             return False  # a lane is processing this workspace right now
-        sql = self.sql
-        last = (
-            await conn.exec_driver_sql(
-                f"SELECT max(seq) FROM events WHERE workspace_id = {sql.p(1)}", (ws_id,)
-            )
-        ).scalar()
-        return await self._cursor(conn, ws_id) >= int(last or 0)
+        last = await eventlog.last_seq(conn, ws_id)
+        return await self._cursor(conn, ws_id) >= last
 
     async def _resolve(
         self, conn: AsyncConnection, ws_id: str, logged: list[LoggedEvent]
