@@ -14,6 +14,8 @@ from typing import Any
 
 import structlog
 
+from mayak.channels.base import MESSAGE_KIND
+from mayak.channels.service import ChannelService
 from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.delivery.destinations import DestinationService
@@ -63,6 +65,8 @@ class Mayak:
         self.destinations = DestinationService(self.db, self.workspaces, settings)
         self.outbox = OutboxDispatcher(self.db, settings, self.metrics)
         self.outbox.register("webhook", self.destinations.deliver)
+        self.channels = ChannelService(self.db, self.workspaces)
+        self.outbox.register(MESSAGE_KIND, self.channels.deliver)
         self.timers = TimerWorker(self.db, self.notifier, self.metrics)
         self.pipeline = Pipeline(
             self.db,
@@ -75,6 +79,13 @@ class Mayak:
         if settings.inline_pipeline:
             self.writer.pipeline = self.pipeline
         self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)
+        # Adapters and integrations register their outbox handlers and routers here.
+        from mayak.channels import telegram, webchat
+        from mayak.integrations import calls
+
+        telegram.install(self)
+        webchat.install(self)
+        calls.install(self)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
 

@@ -12,7 +12,16 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mayak import __version__
-from mayak.api import admin_routes, errors, ingest_routes, ops_routes
+from mayak.api import (
+    admin_routes,
+    channels_routes,
+    errors,
+    hooks_routes,
+    ingest_routes,
+    ops_routes,
+    telegram_routes,
+    webchat_routes,
+)
 from mayak.api.destinations_routes import router as destinations_router
 from mayak.platform import Mayak
 
@@ -90,6 +99,10 @@ def create_app(mayak: Mayak, *, manage: bool = True, workers: bool = True) -> Fa
     app.include_router(ingest_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(destinations_router)
+    app.include_router(channels_routes.router)
+    app.include_router(telegram_routes.router)
+    app.include_router(webchat_routes.router)
+    app.include_router(hooks_routes.router)
     app.include_router(ops_routes.router)
     app.add_middleware(RequestContext, mayak=mayak)
     return app

@@ -208,5 +208,95 @@ idempotency_keys = sa.Table(
     sa.Column("created_at", Ms, nullable=False, index=True),
 )
 
+# -- bots, conversations, channels, inbound hooks ----------------------------------------------
+
+bots = sa.Table(
+    "bots",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("current_version", sa.Integer),  # the version new flows start on; null until published
+    sa.Column("created_at", Ms, nullable=False),
+    sa.UniqueConstraint("workspace_id", "name", name="uq_bots_name"),
+)
+
+# Published versions are immutable: only ``status`` (active | retired) and ``retired_at`` change.
+bot_versions = sa.Table(
+    "bot_versions",
+    metadata,
+    sa.Column("bot_id", sa.String(40), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False, index=True),
+    sa.Column("definition", sa.Text, nullable=False),  # the validated bot as JSON
+    sa.Column("digest", sa.String(64), nullable=False),  # SHA-256 of the definition
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("retired_at", Ms),
+)
+
+# One row per customer and bot: where the conversation stands (derived from the log by the bot
+# router, in the pipeline's transaction).
+conversations = sa.Table(
+    "conversations",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("customer_id", sa.String(40), nullable=False),
+    sa.Column("bot_id", sa.String(40), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # bot | waiting_human | human | ended
+    sa.Column("state", sa.Text, nullable=False),  # JSON: flow, step, slots, stack, counters, wait…
+    sa.Column("channel_id", sa.String(40)),  # where the customer spoke last
+    sa.Column("address", sa.String(200)),  # their address on that channel (chat id, visitor id)
+    sa.Column("queue", sa.String(100)),
+    sa.Column("reason", sa.String(500)),
+    sa.Column("handoff_at", Ms),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Column("updated_at", Ms, nullable=False),
+    sa.Index("ix_conversations_customer", "workspace_id", "customer_id"),
+    sa.Index("ix_conversations_status", "workspace_id", "status", "handoff_at"),
+)
+
+channels = sa.Table(
+    "channels",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False, index=True),
+    sa.Column("type", sa.String(20), nullable=False),  # webchat | telegram
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("bot_id", sa.String(40)),  # the bot that answers on this channel
+    sa.Column("config", Json, nullable=False),  # non-secret settings (api_base_url, bot username…)
+    sa.Column("secret_id", sa.String(40)),  # encrypted secret config (bot token, webhook secret)
+    sa.Column("status", sa.String(16), nullable=False),  # active | disabled
+    sa.Column("created_at", Ms, nullable=False),
+)
+
+# One-time tokens that link a channel address (a Telegram chat) to an existing customer.
+link_tokens = sa.Table(
+    "link_tokens",
+    metadata,
+    sa.Column("hash", sa.String(64), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False),
+    sa.Column("customer_id", sa.String(40), nullable=False),
+    sa.Column("expires_at", Ms, nullable=False),
+    sa.Column("used_at", Ms),
+    sa.Column("created_at", Ms, nullable=False),
+    sa.Index("ix_link_tokens_customer", "workspace_id", "customer_id"),
+)
+
+# Signed generic inbound webhooks from business systems (POST /v1/hooks/{id}).
+hooks = sa.Table(
+    "hooks",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("workspace_id", sa.String(40), nullable=False, index=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("mapping", Json, nullable=False),  # how a body becomes an event on a customer
+    sa.Column("secret_id", sa.String(40), nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("created_at", Ms, nullable=False),
+)
+
 # Tables with a customer_id column that move with a merge and go with an erase.
-CUSTOMER_TABLES = (events, identities, outbox, timers)
+CUSTOMER_TABLES = (events, identities, outbox, timers, conversations, link_tokens)

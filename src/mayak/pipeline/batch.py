@@ -24,6 +24,10 @@ from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, event_keys, supp
 from mayak.pipeline.profile import JSON_POSITIONS, PROFILE_COLUMNS, Profile
 
 SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+# Sources whose Segment-shaped events are attributed by the identities they carry (the others name
+# their customer). Channel events may carry only a channel identity (``context.externalIds``).
+RESOLVED_SOURCES = frozenset({"api", "telegram", "webchat", "hook"})
+IDENTITY_LINKED = "identity.linked"
 ADMIN_TYPES = frozenset(
     {"customer.traits_set", "customer.consents_set", "customer.preferences_set", "customer.stage_set"}
 )
@@ -138,7 +142,7 @@ class ProfileBatch:
         targets: set[str] = set()
         for ev in logged:
             item = _Item(ev)
-            if ev.type in SEGMENT_TYPES and ev.source == "api":
+            if ev.type in SEGMENT_TYPES and ev.source in RESOLVED_SOURCES:
                 user, anon, others = event_keys(ev.payload, self.region)
                 item.user, item.anon, item.others = user, anon, tuple(others)
                 for key in (user, anon, *others):
@@ -151,6 +155,11 @@ class ProfileBatch:
                         keys.add(key)
             elif ev.customer_id:
                 targets.add(ev.customer_id)
+                if ev.type == IDENTITY_LINKED:
+                    kind, value = ev.payload.get("kind"), ev.payload.get("value")
+                    if isinstance(kind, str) and isinstance(value, str):
+                        item.others = ((kind, value),)
+                        keys.add((kind, value))
             items.append(item)
         if check_suppressions and keys:
             await self._apply_suppressions(items, keys)
@@ -212,7 +221,7 @@ class ProfileBatch:
             if item.dropped:
                 continue
             ev = item.event
-            if ev.type in SEGMENT_TYPES and ev.source == "api":
+            if ev.type in SEGMENT_TYPES and ev.source in RESOLVED_SOURCES:
                 item.owner = self._resolve(item)
                 self._apply_segment(item.owner, ev)
             elif ev.customer_id:
@@ -223,6 +232,8 @@ class ProfileBatch:
                 item.owner = self.find(ev.customer_id)
                 if ev.type in ADMIN_TYPES:
                     self._apply_admin(item.owner, ev)
+                elif ev.type == IDENTITY_LINKED and item.others:
+                    item.owner = self._link(item.owner, item.others[0], ev)
 
     def _resolve(self, item: _Item) -> str:
         ev = item.event
@@ -242,11 +253,12 @@ class ProfileBatch:
             if item.anon is not None:
                 rest.insert(0, item.anon)
         else:
-            assert item.anon is not None
-            owner = self.lookup(item.anon)
+            # An anonymous event, or a channel event that carries only its channel identity.
+            first = item.anon if item.anon is not None else rest.pop(0)
+            owner = self.lookup(first)
             if owner is None:
                 owner = self.create(ev)
-                self.assign(item.anon, owner)
+                self.assign(first, owner)
         for key in rest:
             if key[0] == "previous_id":  # alias: the earlier id is a user id if we know one, else anonymous
                 as_user = (USER_ID, key[1])
@@ -259,6 +271,18 @@ class ProfileBatch:
                     self.conflict(key, owner, holder, ev)
                 else:
                     owner = self.merge(owner, holder, ev)
+        return owner
+
+    def _link(self, owner: str, key: Key, ev: LoggedEvent) -> str:
+        """Give ``key`` to ``owner`` (a deep link proved the address belongs to them)."""
+        holder = self.lookup(key)
+        if holder is None:
+            self.assign(key, owner)
+        elif holder != owner:
+            if self.profiles[owner].identified and self.profiles[holder].identified:
+                self.conflict(key, owner, holder, ev)
+            else:
+                owner = self.merge(owner, holder, ev)
         return owner
 
     def _apply_segment(self, cid: str, ev: LoggedEvent) -> None:

@@ -29,6 +29,7 @@ from mayak.errors import EventRejected, InvalidRequest, NotFound
 from mayak.eventlog import NewEvent, append, event_json, last_seq
 from mayak.ingest.segment import depth_ok, nul_path, validate_consents, validate_preferences
 from mayak.ingest.writer import IngestWriter
+from mayak.pipeline.batch import RESOLVED_SOURCES
 from mayak.pipeline.identity import normalise, normalise_kind, suppression_hash
 from mayak.pipeline.processor import CONSUMER, Pipeline
 from mayak.pipeline.profile import CONTEXT_STAMP
@@ -438,7 +439,7 @@ class CustomerService:
             )
             await conn.execute(
                 events.update()
-                .where(events.c.workspace_id == ws_id, events.c.source == "api")
+                .where(events.c.workspace_id == ws_id, events.c.source.in_(RESOLVED_SOURCES))
                 .values(customer_id=None)
             )
             await conn.execute(identities.delete().where(identities.c.workspace_id == ws_id))

@@ -1,0 +1,7 @@
+"""Routes for hooks (being built)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(tags=["hooks"])

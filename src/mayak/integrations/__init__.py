@@ -1,0 +1,1 @@
+"""Integrations with business systems: calls out (bot ``call`` steps, plugins) and hooks in."""

@@ -1,0 +1,12 @@
+"""Outbound integration calls (being built)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mayak.platform import Mayak
+
+
+def install(mayak: Mayak) -> None:
+    """Register the ``integration_call`` outbox handler (and plugins)."""
