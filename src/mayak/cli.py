@@ -29,7 +29,9 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 workspace_app = typer.Typer(help="Workspaces.", no_args_is_help=True)
 key_app = typer.Typer(help="API keys.", no_args_is_help=True)
 import_app = typer.Typer(help="Bulk import.", no_args_is_help=True)
+bot_app = typer.Typer(help="Bots: validate, test and publish a bot folder.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(bot_app, name="bot")
 app.add_typer(workspace_app, name="workspace")
 app.add_typer(key_app, name="key")
 app.add_typer(import_app, name="import")
@@ -82,6 +84,73 @@ def workspace_create(
         console.print(f"workspace [bold]{ws['id']}[/bold] {name}")
         console.print(
             f"write key:  {ws['write_key']}\nsecret key: {ws['secret_key']}  (shown once; store it)"
+        )
+
+
+def _load_bot(path: Path) -> Any:
+    from mayak.bots.loader import load_folder
+
+    loaded = load_folder(path)
+    for issue in loaded.issues:
+        sys.stdout.write(f"{issue}\n")
+    return loaded
+
+
+@bot_app.command("validate")
+def bot_validate(path: Path) -> None:
+    """Check a bot folder against the schema and the cross-file rules; prints file:line: reason."""
+    loaded = _load_bot(path)
+    if not loaded.ok:
+        console.print(f"[red]{len(loaded.issues)} problem(s)[/red]")
+        raise typer.Exit(1)
+    flows = len(loaded.definition["flows"])
+    console.print(f"[green]ok[/green] bot {loaded.name}: {flows} flows, {len(loaded.tests)} tests")
+
+
+@bot_app.command("test")
+def bot_test(path: Path) -> None:
+    """Run the bot's conversation tests (the ``tests:`` sections of its YAML files)."""
+    from mayak.bots.testing import run_tests
+
+    loaded = _load_bot(path)
+    if not loaded.ok:
+        raise typer.Exit(1)
+    results = run_tests(loaded)
+    failed = 0
+    for res in results:
+        mark = "[green]pass[/green]" if res.passed else "[red]FAIL[/red]"
+        console.print(f"{mark} {res.file}:{res.line} {res.name}")
+        for failure in res.failures:
+            console.print(f"     {failure}")
+        failed += not res.passed
+    console.print(f"{len(results) - failed} passed, {failed} failed")
+    if failed or not results:
+        raise typer.Exit(1)
+
+
+@bot_app.command("publish")
+def bot_publish(
+    path: Path,
+    workspace: str = typer.Option(..., "--workspace", help="Workspace id"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Publish the bot as a new immutable version (refused when it does not validate)."""
+    loaded = _load_bot(path)
+    if not loaded.ok:
+        console.print(f"[red]refused[/red]: {len(loaded.issues)} problem(s)")
+        raise typer.Exit(1)
+
+    async def publish(m: Mayak) -> dict[str, Any]:
+        await m.workspaces.get_workspace(workspace)
+        return await m.bots.publish(workspace, loaded.definition)
+
+    published = _run(publish)
+    if as_json:
+        _print_json(published)
+    else:
+        state = "unchanged" if published["unchanged"] else "published"
+        console.print(
+            f"{state}: bot {published['name']} ({published['id']}) version {published['current_version']}"
         )
 
 

@@ -14,6 +14,9 @@ from typing import Any
 
 import structlog
 
+from mayak.bots.conversations import ConversationService
+from mayak.bots.router import BotRouter
+from mayak.bots.store import BotStore
 from mayak.channels.base import MESSAGE_KIND
 from mayak.channels.service import ChannelService
 from mayak.config import Settings
@@ -65,20 +68,23 @@ class Mayak:
         self.destinations = DestinationService(self.db, self.workspaces, settings)
         self.outbox = OutboxDispatcher(self.db, settings, self.metrics)
         self.outbox.register("webhook", self.destinations.deliver)
+        self.timers = TimerWorker(self.db, self.notifier, self.metrics)
         self.channels = ChannelService(self.db, self.workspaces)
         self.outbox.register(MESSAGE_KIND, self.channels.deliver)
-        self.timers = TimerWorker(self.db, self.notifier, self.metrics)
+        self.bots = BotStore(self.db)
+        self.bot_router = BotRouter(self.db, self.bots, self.channels)
         self.pipeline = Pipeline(
             self.db,
             self.notifier,
             settings,
             self.metrics,
-            routers=[self.destinations.route],
+            routers=[self.destinations.route, self.bot_router.route],
             workspaces=self.workspaces,
         )
         if settings.inline_pipeline:
             self.writer.pipeline = self.pipeline
         self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)
+        self.conversations = ConversationService(self.db, self.writer, self.pipeline, self.bots)
         # Adapters and integrations register their outbox handlers and routers here.
         from mayak.channels import telegram, webchat
         from mayak.integrations import calls

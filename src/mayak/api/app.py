@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mayak import __version__
 from mayak.api import (
     admin_routes,
+    bots_routes,
     channels_routes,
     errors,
     hooks_routes,
@@ -99,6 +100,7 @@ def create_app(mayak: Mayak, *, manage: bool = True, workers: bool = True) -> Fa
     app.include_router(ingest_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(destinations_router)
+    app.include_router(bots_routes.router)
     app.include_router(channels_routes.router)
     app.include_router(telegram_routes.router)
     app.include_router(webchat_routes.router)

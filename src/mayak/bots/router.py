@@ -1,0 +1,617 @@
+"""The bot router: a pipeline consumer that runs conversation turns in the pipeline's transaction.
+
+For each processed event that concerns a bot (a customer's message or button, an integration's
+answer, a bot timer, an operator's action, a business event that triggers a flow or ends a wait)
+it loads the customer's conversation, runs one ``Turn`` of the engine, and writes what the turn
+decided: the conversation row, outbox rows for messages and calls, derived events, timers. All of it
+commits with the pipeline's cursor, and every key derives from the cause event's id, so a batch
+processed twice (after a crash) writes nothing twice.
+
+Versions: a conversation runs on the version it started its flow on. When it is idle (no flow), the
+next input starts on the bot's current version: the **safe point** between flows. If its version has
+been retired meanwhile, the conversation moves to the current version at once: to the same flow and
+step when the current version still has that flow with that many steps, otherwise to idle (the
+input is then handled as a fresh start).
+"""
+
+from __future__ import annotations
+
+import zoneinfo
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mayak.bots.compiled import CompiledBot
+from mayak.bots.engine import STATUS_BOT, STATUS_HUMAN, STATUS_WAITING, Customer, Input, State, Turn
+from mayak.bots.store import RETIRED, BotStore
+from mayak.channels.events import INBOUND_NAMES
+from mayak.channels.service import ChannelService
+from mayak.db.database import Database
+from mayak.db.fastsql import load_json
+from mayak.db.schema import conversations, customers, events, identities
+from mayak.delivery import timers
+from mayak.delivery.outbox import OutboxItem, enqueue
+from mayak.errors import NotFound
+from mayak.eventlog import LoggedEvent, NewEvent, append
+from mayak.ids import derived_id
+from mayak.timeutil import ms_to_rfc3339, now_ms
+
+log = structlog.get_logger("mayak.bots")
+
+TIMER_KIND = "bot"
+CONVERSATION_EVENTS = frozenset(
+    {"conversation.operator_message", "conversation.handed_back", "conversation.handoff_requested"}
+)
+HISTORY = 30
+
+
+@dataclass
+class _Conv:
+    id: str
+    customer_id: str
+    bot_id: str
+    version: int
+    status: str
+    state: State
+    channel_id: str | None
+    address: str | None
+    queue: str | None
+    reason: str | None
+    handoff_at: int | None
+    created_at: int
+    updated_at: int = 0
+    new: bool = False
+    dirty: bool = False
+
+
+@dataclass
+class _Work:
+    event: LoggedEvent
+    inp: Input
+    bot_id: str | None  # None: find by conversation id
+    conversation_id: str | None = None
+    channel_id: str | None = None
+    address: str | None = None
+
+
+class BotRouter:
+    def __init__(self, db: Database, store: BotStore, channels: ChannelService):
+        self.db = db
+        self.store = store
+        self.channels = channels
+
+    async def route(self, conn: AsyncConnection, ws_id: str, batch: list[LoggedEvent]) -> int:
+        published = await self.store.workspace_bots(conn, ws_id)
+        if not published:
+            return 0
+        current: dict[str, CompiledBot] = {}
+        for bot_id, version in published:
+            current[bot_id] = (await self.store.compiled(conn, bot_id, version))[0]
+        triggers = {name for bot in current.values() for name in (*bot.event_triggers, *bot.waited_events)}
+        work: list[_Work] = []
+        for ev in batch:
+            item = await self._work_for(ev, ws_id, current, triggers)
+            if item is not None:
+                work.append(item)
+        if not work:
+            return 0
+        run = _Run(self, conn, ws_id, current)
+        await run.load([w.event.customer_id for w in work if w.event.customer_id])
+        for item in work:
+            await run.turn(item)
+        await run.write()
+        return len(work)
+
+    async def _work_for(
+        self, ev: LoggedEvent, ws_id: str, current: dict[str, CompiledBot], triggers: set[str]
+    ) -> _Work | None:
+        if ev.customer_id is None:
+            return None
+        p = ev.payload
+        if ev.type == "track" and ev.name in INBOUND_NAMES and ev.source in ("telegram", "webchat"):
+            props = p.get("properties") or {}
+            channel_id = str(props.get("channel_id") or "")
+            bot_id = await self._bot_for_channel(ws_id, channel_id, current)
+            if bot_id is None:
+                return None
+            kind = "button" if ev.name == "Button Clicked" else "message"
+            text = props.get("text") if isinstance(props.get("text"), str) else None
+            inp = Input(
+                kind, ev.timestamp, ev.id, text=text, payload=props.get("payload"), title=props.get("title")
+            )
+            return _Work(ev, inp, bot_id, channel_id=channel_id, address=str(props.get("address") or ""))
+        if ev.type == "integration.result":
+            return _Work(
+                ev, Input("result", ev.received_at, ev.id, data=p), None, str(p.get("conversation_id"))
+            )
+        if ev.type == "timer" and ev.name == TIMER_KIND:
+            data = dict(p.get("payload") or {}) | {"key": p.get("key")}
+            return _Work(
+                ev, Input("timer", ev.received_at, ev.id, data=data), None, data.get("conversation_id")
+            )
+        if ev.type in CONVERSATION_EVENTS:
+            kind = {
+                "conversation.operator_message": "operator",
+                "conversation.handed_back": "handback",
+                "conversation.handoff_requested": "handoff",
+            }[ev.type]
+            inp = Input(kind, ev.received_at, ev.id, text=p.get("text"), data=p)
+            return _Work(ev, inp, None, str(p.get("conversation_id")))
+        if ev.type == "track" and ev.name in triggers and ev.source not in ("telegram", "webchat"):
+            props = p.get("properties")
+            inp = Input(
+                "event",
+                ev.timestamp,
+                ev.id,
+                name=ev.name,
+                data=dict(props) if isinstance(props, dict) else {},
+            )
+            # Every bot that triggers on (or waits for) this event gets it.
+            bot_ids = [
+                b
+                for b, bot in current.items()
+                if ev.name in bot.event_triggers or ev.name in bot.waited_events
+            ]
+            return _Work(ev, inp, bot_ids[0] if len(bot_ids) == 1 else (bot_ids[0] if bot_ids else None))
+        return None
+
+    async def _bot_for_channel(
+        self, ws_id: str, channel_id: str, current: dict[str, CompiledBot]
+    ) -> str | None:
+        if channel_id:
+            try:
+                channel = await self.channels.record(ws_id, channel_id)
+            except NotFound:
+                channel = None
+            if channel is not None and channel.bot_id in current:
+                return channel.bot_id
+        return next(iter(current), None)
+
+
+class _Run:
+    """One batch's worth of turns: loads what they need, runs them, writes what they decided."""
+
+    def __init__(self, router: BotRouter, conn: AsyncConnection, ws_id: str, current: dict[str, CompiledBot]):
+        self.router = router
+        self.conn = conn
+        self.ws = ws_id
+        self.current = current
+        self.convs: dict[tuple[str, str], _Conv] = {}
+        self.by_id: dict[str, _Conv] = {}
+        self.customers: dict[str, Customer] = {}
+        self.outbox: list[OutboxItem] = []
+        self.events: list[NewEvent] = []
+        self.timers: list[tuple[str, dict[str, Any], str]] = []
+        self.cancels: list[str] = []
+        self.compiled: dict[tuple[str, int], tuple[CompiledBot, str]] = {}
+
+    async def load(self, customer_ids: list[str]) -> None:
+        ids = sorted(set(customer_ids))
+        if not ids:
+            return
+        rows = await self.conn.execute(
+            sa.select(conversations).where(
+                conversations.c.workspace_id == self.ws, conversations.c.customer_id.in_(ids)
+            )
+        )
+        for r in rows:
+            conv = _Conv(
+                r.id,
+                r.customer_id,
+                r.bot_id,
+                r.version,
+                r.status,
+                State.from_json(orjson.loads(r.state)),
+                r.channel_id,
+                r.address,
+                r.queue,
+                r.reason,
+                r.handoff_at,
+                r.created_at,
+                r.updated_at,
+            )
+            key = (r.customer_id, r.bot_id)
+            # After a merge a customer can own two rows for one bot: the most recent one goes on.
+            if key not in self.convs or r.updated_at > self.convs[key].updated_at:
+                self.convs[key] = conv
+            self.by_id[r.id] = conv
+        rows = await self.conn.execute(
+            sa.select(
+                customers.c.id,
+                customers.c.traits,
+                customers.c.consents,
+                customers.c.preferences,
+                customers.c.context,
+                customers.c.stage,
+            ).where(customers.c.workspace_id == self.ws, customers.c.id.in_(ids))
+        )
+        for r in rows:
+            self.customers[r.id] = Customer(
+                r.id,
+                _json(r.traits),
+                _json(r.consents),
+                _json(r.preferences),
+                _json(r.context),
+                r.stage,
+            )
+
+    async def _history(self, customer: Customer) -> None:
+        rows = await self.conn.execute(
+            sa.select(events.c.type, events.c.name, events.c.timestamp, events.c.payload)
+            .where(events.c.workspace_id == self.ws, events.c.customer_id == customer.id)
+            .order_by(events.c.seq.desc())
+            .limit(HISTORY)
+        )
+        out = []
+        for r in rows:
+            payload = orjson.loads(r.payload)
+            out.append(
+                {
+                    "type": r.type,
+                    "name": r.name,
+                    "at": ms_to_rfc3339(r.timestamp),
+                    "at_ms": r.timestamp,
+                    "properties": payload.get("properties") or {},
+                }
+            )
+        customer.events = out
+
+    async def _version(self, bot_id: str, version: int) -> tuple[CompiledBot, str]:
+        key = (bot_id, version)
+        if key not in self.compiled:
+            self.compiled[key] = await self.router.store.compiled(self.conn, bot_id, version)
+        return self.compiled[key]
+
+    def _conversation(self, customer_id: str, bot_id: str, at: int, cause: str) -> _Conv:
+        conv = self.convs.get((customer_id, bot_id))
+        if conv is None:
+            bot = self.current[bot_id]
+            conv = _Conv(
+                derived_id("conv", at, f"{customer_id}:{bot_id}:{cause}"),
+                customer_id,
+                bot_id,
+                bot.version,
+                STATUS_BOT,
+                State(),
+                None,
+                None,
+                None,
+                None,
+                None,
+                at,
+                new=True,
+            )
+            self.convs[(customer_id, bot_id)] = conv
+            self.by_id[conv.id] = conv
+        return conv
+
+    async def turn(self, item: _Work) -> None:
+        ev = item.event
+        if item.bot_id is None:
+            conv = self.by_id.get(item.conversation_id or "")
+            if conv is None:
+                return  # a stale timer or result of an erased conversation
+        else:
+            assert ev.customer_id is not None
+            conv = self._conversation(ev.customer_id, item.bot_id, ev.received_at, ev.id)
+        customer = self.customers.get(conv.customer_id)
+        if customer is None:
+            return
+        bot = await self._bot_for(conv)
+        if bot is None:
+            return
+        if item.channel_id:
+            conv.channel_id, conv.address = item.channel_id, item.address
+        channel_type = await self._channel_type(conv)
+        if item.inp.kind == "event" and not self._proactive_allowed(bot, conv, customer, item, channel_type):
+            return
+        if bot.uses_history and not customer.events:
+            await self._history(customer)
+        turn = Turn(bot, conv.state, customer, conv.status, channel_type, conv.id)
+        fx = turn.run(item.inp)
+        conv.dirty = True
+        self._apply(conv, bot, item, fx, channel_type)
+
+    async def _bot_for(self, conv: _Conv) -> CompiledBot | None:
+        current = self.current.get(conv.bot_id)
+        if current is None:
+            return None  # the bot was deleted
+        if conv.state.flow is None:
+            conv.version = current.version  # the safe point: between flows
+            return current
+        bot, status = await self._version(conv.bot_id, conv.version)
+        if status == RETIRED and conv.version != current.version:
+            st = conv.state
+            flow = current.flows.get(st.flow or "")
+            if flow is None or st.step >= len(flow["steps"]):
+                st.flow, st.step, st.waiting, st.stack, st.form_field = None, 0, None, [], 0
+            conv.version = current.version
+            return current
+        return bot
+
+    def _proactive_allowed(
+        self, bot: CompiledBot, conv: _Conv, customer: Customer, item: _Work, channel_type: str | None
+    ) -> bool:
+        """Pick the first matching trigger; hold it in quiet hours; drop marketing without consent."""
+        inp = item.inp
+        st = conv.state
+        if st.waiting and st.waiting.get("event") == inp.name:
+            return True  # ends a wait: not a new message the customer did not ask for
+        probe = Turn(bot, State(slots=dict(st.slots)), customer)
+        probe.now = inp.at
+        trigger = probe.match_trigger(inp.name or "", inp.data)
+        if trigger is not None:
+            if trigger.purpose == "marketing" and not _marketing_allowed(customer, channel_type):
+                self._record(
+                    conv, "message.suppressed", {"flow": trigger.flow, "reason": "no_marketing_consent"}, item
+                )
+                return False
+            opens = _quiet_until(customer, inp.at)
+            if opens is not None:
+                key = f"{conv.id}:deferred:{item.event.id}"
+                self.timers.append(
+                    (
+                        key,
+                        {
+                            "fire_at": opens,
+                            "payload": {
+                                "kind": "deferred_flow",
+                                "conversation_id": conv.id,
+                                "flow": trigger.flow,
+                                "event": {"name": inp.name, **inp.data},
+                            },
+                        },
+                        conv.customer_id,
+                    )
+                )
+                self._record(
+                    conv, "message.deferred", {"flow": trigger.flow, "until": ms_to_rfc3339(opens)}, item
+                )
+                return False
+            inp.data["_flow"] = trigger.flow
+            return True
+        return False
+
+    async def _channel_type(self, conv: _Conv) -> str | None:
+        if conv.channel_id is None:
+            await self._find_channel(conv)
+        if conv.channel_id is None:
+            return None
+        try:
+            return (await self.router.channels.record(self.ws, conv.channel_id)).type
+        except NotFound:
+            return None
+
+    async def _find_channel(self, conv: _Conv) -> None:
+        """A customer we have not talked to in this conversation: reach them where we can."""
+        rows = (
+            await self.conn.execute(
+                sa.select(identities.c.kind, identities.c.value).where(
+                    identities.c.workspace_id == self.ws,
+                    identities.c.customer_id == conv.customer_id,
+                    identities.c.kind.in_(("telegram", "anonymous_id")),
+                )
+            )
+        ).all()
+        preferred = (self.customers.get(conv.customer_id) or Customer("")).preferences.get(
+            "preferred_channel"
+        )
+        order = ["telegram", "webchat"]
+        if preferred in order:
+            order.remove(preferred)
+            order.insert(0, preferred)
+        for channel_type in order:
+            kind = "telegram" if channel_type == "telegram" else "anonymous_id"
+            for k, value in rows:
+                if k != kind:
+                    continue
+                channel = await self.router.channels.first_of_type(self.ws, channel_type)
+                if channel is not None:
+                    conv.channel_id, conv.address = channel.id, value
+                    return
+
+    def _apply(self, conv: _Conv, bot: CompiledBot, item: _Work, fx: Any, channel_type: str | None) -> None:
+        ev = item.event
+        base = f"{ev.id}:{conv.id}"
+        for i, (message, source) in enumerate(fx.messages):
+            key = f"msg:{base}:{i}"
+            body = {
+                "channel_id": conv.channel_id,
+                "channel": channel_type,
+                "address": conv.address,
+                "message": message.to_json(),
+                "conversation_id": conv.id,
+            }
+            if conv.channel_id and conv.address:
+                self.outbox.append(
+                    OutboxItem(
+                        workspace_id=self.ws,
+                        kind="message",
+                        payload={
+                            "channel_id": conv.channel_id,
+                            "address": conv.address,
+                            "message": message.to_json(),
+                        },
+                        idempotency_key=key,
+                        customer_id=conv.customer_id,
+                        target=conv.channel_id,
+                    )
+                )
+            else:
+                body["undeliverable"] = "no_channel"
+            self._event(conv, "message.outbound", body, key, source=source)
+        for i, call in enumerate(fx.calls):
+            self.outbox.append(
+                OutboxItem(
+                    workspace_id=self.ws,
+                    kind="integration_call",
+                    payload=call,
+                    idempotency_key=f"call:{call['call_id']}",
+                    customer_id=conv.customer_id,
+                    target=f"call:{i}",
+                )
+            )
+        for i, change in enumerate(fx.events):
+            self.events.append(
+                NewEvent(
+                    workspace_id=self.ws,
+                    type=change["type"],
+                    name=change.get("name"),
+                    timestamp=ev.received_at,
+                    received_at=ev.received_at,
+                    source="bot",
+                    actor=conv.bot_id,
+                    customer_id=conv.customer_id,
+                    dedup_key=f"bot:{base}:{i}",
+                    payload=change["payload"],
+                )
+            )
+        if fx.consent_off and channel_type:
+            self._event(
+                conv,
+                "customer.consents_set",
+                {"consents": {channel_type: {"marketing": False}}},
+                f"optout:{base}",
+            )
+        for timer in fx.timers:
+            self.timers.append((timer["key"], timer, conv.customer_id))
+        self.cancels.extend(fx.cancel_timers)
+        if fx.status is not None and fx.status != conv.status:
+            conv.status = fx.status
+            if fx.status == STATUS_WAITING:
+                conv.queue, conv.reason, conv.handoff_at = fx.queue, fx.reason, ev.received_at
+                self._event(
+                    conv, "conversation.handoff", {"queue": fx.queue, "reason": fx.reason}, f"handoff:{base}"
+                )
+            elif fx.status == STATUS_BOT:
+                conv.queue, conv.reason, conv.handoff_at = None, None, None
+            elif fx.status == STATUS_HUMAN and conv.handoff_at is None:
+                conv.handoff_at = ev.received_at
+        summary = fx.summary | {"bot_id": conv.bot_id, "version": conv.version, "cause_event_id": ev.id}
+        self._event(conv, "conversation.turn", summary, f"turn:{base}")
+
+    def _event(
+        self,
+        conv: _Conv,
+        etype: str,
+        payload: dict[str, Any],
+        key: str,
+        *,
+        source: str = "bot",
+    ) -> None:
+        self.events.append(
+            NewEvent(
+                workspace_id=self.ws,
+                type=etype,
+                timestamp=0,
+                received_at=0,
+                source=source,
+                actor=conv.bot_id,
+                customer_id=conv.customer_id,
+                dedup_key=key[:300],
+                payload=payload | {"conversation_id": conv.id},
+            )
+        )
+
+    def _record(self, conv: _Conv, etype: str, payload: dict[str, Any], item: _Work) -> None:
+        conv.dirty = True
+        self._event(conv, etype, payload, f"{etype}:{item.event.id}:{conv.id}")
+
+    async def write(self) -> None:
+        db, conn = self.router.db, self.conn
+        now = now_ms()
+        for conv in self.convs.values():
+            if not conv.dirty:
+                continue
+            values = {
+                "workspace_id": self.ws,
+                "customer_id": conv.customer_id,
+                "bot_id": conv.bot_id,
+                "version": conv.version,
+                "status": conv.status,
+                "state": orjson.dumps(conv.state.to_json()).decode(),
+                "channel_id": conv.channel_id,
+                "address": conv.address,
+                "queue": conv.queue,
+                "reason": conv.reason,
+                "handoff_at": conv.handoff_at,
+                "updated_at": now,
+            }
+            if conv.new:
+                await conn.execute(
+                    conversations.insert().values(id=conv.id, created_at=conv.created_at, **values)
+                )
+                conv.new = False
+            else:
+                await conn.execute(
+                    conversations.update().where(conversations.c.id == conv.id).values(**values)
+                )
+            conv.dirty = False
+        for key in self.cancels:
+            await timers.cancel(conn, self.ws, key)
+        for key, timer, customer_id in self.timers:
+            await timers.schedule(
+                db,
+                conn,
+                workspace_id=self.ws,
+                key=key,
+                kind=TIMER_KIND,
+                fire_at=int(timer["fire_at"]),
+                payload=timer["payload"] | {"conversation_id": timer["payload"].get("conversation_id")},
+                customer_id=customer_id,
+            )
+        if self.outbox:
+            await enqueue(db, conn, self.outbox)
+        if self.events:
+            for ev in self.events:
+                ev.received_at = ev.received_at or now
+                ev.timestamp = ev.timestamp or now
+            await append(db, conn, self.events)
+
+
+def _json(value: Any) -> dict[str, Any]:
+    if isinstance(value, dict):
+        return value
+    loaded = load_json(value) if value is not None else {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _marketing_allowed(customer: Customer, channel_type: str | None) -> bool:
+    consents = customer.consents
+    for channel in ([channel_type] if channel_type else list(consents)) + ["all"]:
+        entry = (consents.get(channel) or {}).get("marketing")
+        if isinstance(entry, dict) and entry.get("granted"):
+            return True
+    return False
+
+
+def _quiet_until(customer: Customer, at: int) -> int | None:
+    """When the customer's quiet hours hold a message sent at ``at``: the end of them (epoch ms)."""
+    quiet = customer.preferences.get("quiet_hours")
+    if not isinstance(quiet, dict):
+        return None
+    try:
+        start_h, start_m = (int(x) for x in str(quiet["start"]).split(":"))
+        end_h, end_m = (int(x) for x in str(quiet["end"]).split(":"))
+    except (KeyError, ValueError):
+        return None
+    tz_name = customer.preferences.get("timezone") or customer.context.get("timezone") or "UTC"
+    try:
+        tz = zoneinfo.ZoneInfo(str(tz_name))
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        tz = zoneinfo.ZoneInfo("UTC")
+    local = datetime.fromtimestamp(at / 1000, tz=UTC).astimezone(tz)
+    minutes = local.hour * 60 + local.minute
+    start, end = start_h * 60 + start_m, end_h * 60 + end_m
+    inside = (start <= minutes < end) if start < end else (minutes >= start or minutes < end)
+    if not inside or start == end:
+        return None
+    opens = local.replace(hour=end_h, minute=end_m, second=0, microsecond=0)
+    if opens <= local:
+        opens += timedelta(days=1)
+    return int(opens.timestamp() * 1000)
