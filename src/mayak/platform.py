@@ -134,6 +134,9 @@ class Mayak:
         self._tasks.clear()
         await self.writer.stop()
         await self.destinations.close()
+        from mayak.integrations import calls
+
+        await calls.close(self)
 
     async def drain(self, *, timeout: float = 30.0, deliveries: bool = True) -> None:
         """Process everything that is due now: pipeline to the end of the log, timers, outbox."""

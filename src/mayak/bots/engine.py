@@ -634,6 +634,10 @@ class Turn:
                 stage = render(body["stage"], scope)
                 self.customer.stage = stage
                 self.fx.events.append({"type": "customer.stage_set", "payload": {"stage": stage}})
+            for kind, template in (body.get("identities") or {}).items():
+                value = render_value(template, scope)
+                if value not in (None, ""):
+                    self.fx.events.append({"type": "identity.linked", "payload": {"kind": kind, "value": str(value)}})
             if "tags" in body:
                 tags = list(self.customer.traits.get("tags") or [])
                 for tag in body["tags"]:

@@ -10,6 +10,7 @@ fallback text and logs the error.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -17,6 +18,10 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_OUTPUT = 8192
+# ``{{secret:NAME}}`` is not Jinja: it passes through rendering untouched and is replaced by the
+# integration's secret only when the request is sent (so no secret is ever stored in the outbox).
+_SECRET = re.compile(r"\{\{secret:([A-Za-z0-9_.-]{1,100})\}\}")
+_SECRET_MARK = re.compile("\x00([A-Za-z0-9_.-]{1,100})\x00")
 
 
 class TemplateError(Exception):
@@ -57,8 +62,17 @@ def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text
 
 
+def _protect(text: str) -> str:
+    return _SECRET.sub(lambda m: f"\x00{m.group(1)}\x00", text) if "{{secret:" in text else text
+
+
+def _restore(text: str) -> str:
+    return _SECRET_MARK.sub(lambda m: "{{secret:" + m.group(1) + "}}", text) if "\x00" in text else text
+
+
 def check_template(text: str) -> None:
     """Raise TemplateError when ``text`` does not compile."""
+    text = _protect(text)
     if not is_template(text):
         return
     try:
@@ -74,10 +88,11 @@ def compile_template(text: str) -> jinja2.Template:
 
 def render(text: str, scope: dict[str, Any]) -> str:
     """Render ``text`` (plain text passes through); raises TemplateError on any failure."""
+    text = _protect(text)
     if not is_template(text):
-        return text
+        return _restore(text)
     try:
-        out = compile_template(text).render(scope)
+        out = _restore(compile_template(text).render(scope))
     except jinja2.TemplateError as exc:
         raise TemplateError(str(exc)) from None
     except Exception as exc:  # a filter raising on odd data: never crash the turn
@@ -92,7 +107,7 @@ def render_value(value: Any, scope: dict[str, Any]) -> Any:
     number), so ``{"mileage": "{{ slots.mileage }}"}`` sends a number when the slot is one.
     """
     if isinstance(value, str):
-        stripped = value.strip()
+        stripped = _protect(value.strip())
         if stripped.startswith("{{") and stripped.endswith("}}") and stripped.count("{{") == 1:
             try:
                 expr = environment().compile_expression(stripped[2:-2].strip(), undefined_to_none=True)

@@ -191,7 +191,8 @@ class Pipeline:
         ]
         batch, items = await self._resolve(conn, ws_id, logged)
         routed, _, _ = batch.attribute(items)  # suppressed events are simply not stored
-        await eventlog.insert(self.db, conn, routed, [ev.seq for ev in routed])
+        if routed:
+            await eventlog.insert(self.db, conn, routed, [ev.seq for ev in routed])
         await batch.write_state()
         await self._finish(conn, ws_id, batch, len(items), routed, seqs[-1])
         return seqs[-1]
