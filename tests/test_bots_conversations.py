@@ -110,8 +110,16 @@ class Setup:
     dms: FakeDms
     seq: int = 0
 
-    async def say(self, text: str | None = None, *, visitor: str = "v1", payload: str | None = None,
-                  title: str | None = None, user_id: str | None = None, channel: str = "chat") -> None:
+    async def say(
+        self,
+        text: str | None = None,
+        *,
+        visitor: str = "v1",
+        payload: str | None = None,
+        title: str | None = None,
+        user_id: str | None = None,
+        channel: str = "chat",
+    ) -> None:
         self.seq += 1
         record = self.chat_channel if channel == "chat" else self.tg_channel
         now = now_ms()
@@ -152,7 +160,9 @@ async def bot(mayak: Mayak, client: httpx.AsyncClient, ws: dict[str, Any]) -> Se
     chans = []
     for kind in ("webchat", "telegram"):
         r = await client.post(
-            "/v1/channels", json={"type": kind, "name": kind, "config": {}, "bot_id": bot_id}, headers=admin(ws)
+            "/v1/channels",
+            json={"type": kind, "name": kind, "config": {}, "bot_id": bot_id},
+            headers=admin(ws),
         )
         assert r.status_code == 201, r.text
         chans.append(await mayak.channels.record(ws["id"], r.json()["id"]))
@@ -177,7 +187,7 @@ async def test_booking_calls_the_dms_and_records_everything(bot: Setup) -> None:
     assert bot.dms.calls and bot.dms.calls[0]["request"]["method"] == "POST"
     body = bot.dms.calls[0]["request"]["json"]
     assert body["car"] == "Octavia" and body["time"] == "11:00" and body["phone"] == "+79161234567"
-    assert "{{secret:dms_base_url}}/bookings" == bot.dms.calls[0]["request"]["url"]
+    assert bot.dms.calls[0]["request"]["url"] == "{{secret:dms_base_url}}/bookings"
     assert "Booking number B-1" in bot.chat.texts()[-1]
     conv = await bot.conversation()
     assert conv["slots"]["booking_id"] == "B-1" and conv["flow"] is None
@@ -212,16 +222,22 @@ async def test_handoff_operator_reply_and_hand_back(bot: Setup) -> None:
     await bot.say("hello? anyone?")
     assert len(bot.chat.sent) == before
     r = await bot.client.post(
-        f"/v1/conversations/{conv['id']}/messages", json={"text": "Hi, Olga here. How can I help?"}, headers=admin(bot.ws)
+        f"/v1/conversations/{conv['id']}/messages",
+        json={"text": "Hi, Olga here. How can I help?"},
+        headers=admin(bot.ws),
     )
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "human"
+    await bot.mayak.drain()
     assert bot.chat.sent[-1][1].text == "Hi, Olga here. How can I help?"
     transcript = r.json()["transcript"]
     assert transcript[-1]["author"] == "operator" and transcript[-2]["text"] == "hello? anyone?"
-    r = await bot.client.post(f"/v1/conversations/{conv['id']}/handback", json={"flow": "menu"}, headers=admin(bot.ws))
+    r = await bot.client.post(
+        f"/v1/conversations/{conv['id']}/handback", json={"flow": "menu"}, headers=admin(bot.ws)
+    )
     assert r.status_code == 200, r.text
     assert r.json()["status"] == "bot"
+    await bot.mayak.drain()
     assert "what I can do" in bot.chat.texts()[-1]
     r = await bot.client.get(f"/v1/customers/{conv['customer_id']}/events?limit=200", headers=admin(bot.ws))
     types = {e["type"] for e in r.json()["items"]}
@@ -231,7 +247,9 @@ async def test_handoff_operator_reply_and_hand_back(bot: Setup) -> None:
 async def test_handback_to_unknown_flow_is_refused(bot: Setup) -> None:
     await bot.say("operator")
     conv = await bot.conversation()
-    r = await bot.client.post(f"/v1/conversations/{conv['id']}/handback", json={"flow": "nope"}, headers=admin(bot.ws))
+    r = await bot.client.post(
+        f"/v1/conversations/{conv['id']}/handback", json={"flow": "nope"}, headers=admin(bot.ws)
+    )
     assert r.status_code == 400 and r.json()["code"] == "unknown_flow"
 
 
@@ -248,7 +266,11 @@ async def test_proactive_service_message_when_the_dms_reports_completion(bot: Se
     await bot.say("hello", user_id="u-42")
     r = await bot.client.post(
         "/v1/track",
-        json={"userId": "u-42", "event": "Service Completed", "properties": {"order_id": "WO-9", "car_model": "Kodiaq", "total": 1250000}},
+        json={
+            "userId": "u-42",
+            "event": "Service Completed",
+            "properties": {"order_id": "WO-9", "car_model": "Kodiaq", "total": 1250000},
+        },
         auth=(bot.ws["write_key"], ""),
     )
     assert r.status_code == 200
@@ -266,12 +288,17 @@ async def test_proactive_waits_for_the_end_of_quiet_hours(bot: Setup) -> None:
     hour = (now_ms() // 3_600_000 + 2) % 24
     quiet = {"start": f"{(hour + 1) % 24:02d}:00", "end": f"{hour:02d}:00"}
     r = await bot.client.patch(
-        f"/v1/customers/{conv['customer_id']}/preferences", json={"preferences": {"quiet_hours": quiet, "timezone": "UTC"}},
+        f"/v1/customers/{conv['customer_id']}/preferences",
+        json={"preferences": {"quiet_hours": quiet, "timezone": "UTC"}},
         headers=admin(bot.ws),
     )
     assert r.status_code == 200, r.text
     sent = len(bot.chat.sent)
-    await bot.client.post("/v1/track", json={"userId": "u-7", "event": "Service Completed", "properties": {}}, auth=(bot.ws["write_key"], ""))
+    await bot.client.post(
+        "/v1/track",
+        json={"userId": "u-7", "event": "Service Completed", "properties": {}},
+        auth=(bot.ws["write_key"], ""),
+    )
     await bot.mayak.drain()
     assert len(bot.chat.sent) == sent
     async with bot.mayak.db.read() as c:
@@ -297,7 +324,9 @@ async def test_marketing_flow_needs_consent(bot: Setup, mayak: Mayak) -> None:
     assert "winter tyre" not in bot.chat.texts()[-1]
     conv = await bot.conversation()
     await bot.client.patch(
-        f"/v1/customers/{conv['customer_id']}/consents", json={"consents": {"webchat": {"marketing": True}}}, headers=admin(bot.ws)
+        f"/v1/customers/{conv['customer_id']}/consents",
+        json={"consents": {"webchat": {"marketing": True}}},
+        headers=admin(bot.ws),
     )
     await bot.client.post("/v1/track", json=track | {"messageId": "m2"}, auth=(bot.ws["write_key"], ""))
     await mayak.drain()
@@ -309,7 +338,9 @@ async def test_conversation_continues_across_channels(bot: Setup) -> None:
     assert "Which car" in bot.chat.texts()[-1]
     conv = await bot.conversation()
     now = now_ms()
-    link = identity_linked(bot.ws["id"], conv["customer_id"], "telegram", "555", at=now, dedup_key="link:1", source="telegram")
+    link = identity_linked(
+        bot.ws["id"], conv["customer_id"], "telegram", "555", at=now, dedup_key="link:1", source="telegram"
+    )
     await bot.mayak.writer.submit([link])
     await bot.mayak.drain()
     await bot.say("Octavia", visitor="555", channel="tg")
@@ -335,11 +366,21 @@ async def test_flood_is_stored_but_throttled(bot: Setup) -> None:
     for i in range(20):
         bot.seq += 1
         now = now_ms()
-        ev = inbound_event(bot.chat_channel, address="v1", timestamp=now, received_at=now, dedup_key=f"f{i}", text=f"hello {i}", anonymous_id="v1")
+        ev = inbound_event(
+            bot.chat_channel,
+            address="v1",
+            timestamp=now,
+            received_at=now,
+            dedup_key=f"f{i}",
+            text=f"hello {i}",
+            anonymous_id="v1",
+        )
         await bot.mayak.writer.submit([ev])
     await bot.mayak.drain()
     async with bot.mayak.db.read() as c:
-        stored = (await c.execute(sa.select(sa.func.count()).where(events.c.name == "Message Received"))).scalar_one()
+        stored = (
+            await c.execute(sa.select(sa.func.count()).where(events.c.name == "Message Received"))
+        ).scalar_one()
     assert stored == 20
     assert len(bot.chat.sent) <= 10
     assert any("faster than I can read" in t for t in bot.chat.texts())
@@ -375,7 +416,9 @@ async def test_template_failure_sends_a_safe_text(bot: Setup, mayak: Mayak) -> N
     assert "something went wrong" in bot.chat.texts()[-1]
 
 
-async def test_publishing_an_invalid_bot_is_refused_with_lines(client: httpx.AsyncClient, ws: dict[str, Any]) -> None:
+async def test_publishing_an_invalid_bot_is_refused_with_lines(
+    client: httpx.AsyncClient, ws: dict[str, Any]
+) -> None:
     files = {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - goto: nowhere\n"}
     r = await client.post("/v1/bots", json={"files": files}, headers=admin(ws))
     assert r.status_code == 400

@@ -49,7 +49,10 @@ def test_schema_is_published_json_schema() -> None:
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - sayy: hi\n"}, "bot.yaml:5: unknown field"),
+        (
+            {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - sayy: hi\n"},
+            "bot.yaml:5: unknown field",
+        ),
         ({"bot.yaml": "bot:\n  name: x\n  colour: red\nflows: {}\n"}, "bot.yaml:3: unknown field"),
         ({"bot.yaml": "bot: {name: Bad Name}\n"}, "bot.yaml:1:"),
         ({"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps: [{say: hi, end: true}]\n"}, "exactly one of"),
@@ -58,27 +61,45 @@ def test_schema_is_published_json_schema() -> None:
             "bot.yaml:5: no step with id `nowhere`",
         ),
         (
-            {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    trigger: {intents: [buy]}\n    steps: [{say: hi}]\n"},
+            {
+                "bot.yaml": "bot: {name: x}\nflows:\n  a:\n    trigger: {intents: [buy]}\n    steps: [{say: hi}]\n"  # noqa: E501
+            },
             "intent `buy` is not defined",
         ),
-        ({"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - say: '@nope'\n"}, "text `nope` is not defined"),
+        (
+            {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - say: '@nope'\n"},
+            "text `nope` is not defined",
+        ),
         (
             {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - say: 'Hi {{ name'\n"},
             "bot.yaml:5: template error",
         ),
         (
-            {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - branch: [{if: 'slots.a ==', goto: b}]\n"},
+            {
+                "bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - branch: [{if: 'slots.a ==', goto: b}]\n"  # noqa: E501
+            },
             "bot.yaml:5: condition",
         ),
         (
-            {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - ask: {slot: s, text: q, type: regex, pattern: '(('}\n"},
+            {
+                "bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - ask: {slot: s, text: q, type: regex, pattern: '(('}\n"  # noqa: E501
+            },
             "does not compile",
         ),
-        ({"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - call: {integration: crm}\n"}, "integration `crm`"),
+        (
+            {"bot.yaml": "bot: {name: x}\nflows:\n  a:\n    steps:\n      - call: {integration: crm}\n"},
+            "integration `crm`",
+        ),
         ({"bot.yaml": "bot: {name: x\n"}, "bot.yaml:2: not valid YAML"),
-        ({"a.yaml": MINIMAL, "b.yaml": "flows:\n  hello:\n    steps: [{say: x}]\n"}, "b.yaml:2: flow `hello` is already"),
+        (
+            {"a.yaml": MINIMAL, "b.yaml": "flows:\n  hello:\n    steps: [{say: x}]\n"},
+            "b.yaml:2: flow `hello` is already",
+        ),
         ({"flows.yaml": "flows:\n  a:\n    steps: [{say: x}]\n"}, "no `bot` section"),
-        ({"bot.yaml": "bot: {name: x, start_flow: nope}\nflows:\n  a:\n    steps: [{say: x}]\n"}, "flow `nope`"),
+        (
+            {"bot.yaml": "bot: {name: x, start_flow: nope}\nflows:\n  a:\n    steps: [{say: x}]\n"},
+            "flow `nope`",
+        ),
     ],
 )
 def test_invalid_bots_say_where_and_why(files: dict[str, str], expected: str) -> None:
@@ -109,7 +130,9 @@ def test_cli_test_reports_a_failing_conversation(tmp_path: Any) -> None:
     folder = tmp_path / "bot"
     folder.mkdir()
     (folder / "bot.yaml").write_text(MINIMAL)
-    (folder / "tests.yaml").write_text("tests:\n  - name: wrong\n    steps:\n      - user: /start\n      - bot: Goodbye\n")
+    (folder / "tests.yaml").write_text(
+        "tests:\n  - name: wrong\n    steps:\n      - user: /start\n      - bot: Goodbye\n"
+    )
     result = CliRunner().invoke(app, ["bot", "test", str(folder)])
     assert result.exit_code == 1
     assert "expected 'Goodbye', the bot said 'Hello'" in result.output

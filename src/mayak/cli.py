@@ -305,6 +305,59 @@ async def ensure_demo(m: Mayak, customers: int) -> dict[str, Any]:
     return saved
 
 
+async def ensure_demo_bot(m: Mayak, ws: dict[str, Any]) -> dict[str, Any]:
+    """The Demo Motors bot on a web-chat channel, and the demo DMS wired both ways: the bot calls it
+    with a token (integration secrets), it reports finished work through a signed hook.
+    Idempotent: publishing the same bot again keeps its version; the rest is created once."""
+    import secrets as pysecrets
+    from importlib import resources
+
+    from mayak.bots.loader import load_folder
+    from mayak.integrations.calls import integrations
+
+    folder = resources.files("mayak.bots").joinpath("examples/demo_motors")
+    loaded = load_folder(Path(str(folder)))
+    if not loaded.ok:  # pragma: no cover - the shipped bot is tested
+        raise RuntimeError("; ".join(map(str, loaded.issues)))
+    bot = await m.bots.publish(ws["id"], loaded.definition)
+    channel = await m.channels.first_of_type(ws["id"], "webchat")
+    if channel is None:
+        created = await m.channels.create(
+            ws["id"],
+            type="webchat",
+            name="Demo Motors web chat",
+            config={"title": "Demo Motors"},
+            bot_id=bot["id"],
+        )
+        channel_id = created["id"]
+    else:
+        channel_id = channel.id
+    dms_file = _data_dir() / "demo-dms.json"
+    dms = orjson.loads(dms_file.read_bytes()) if dms_file.exists() else {}
+    services = integrations(m)
+    if dms.get("workspace_id") != ws["id"]:
+        hook = await services.hooks.create(
+            ws["id"],
+            name="Demo DMS",
+            mapping={
+                "event": "Service Completed",
+                "identity": {"kind": "dms_customer", "path": "$.customer_ref"},
+            },
+        )
+        dms = {
+            "workspace_id": ws["id"],
+            "token": pysecrets.token_urlsafe(24),
+            "hook_id": hook["id"],
+            "hook_secret": hook["signing_secret"],
+        }
+        await services.secrets.put(ws["id"], "dms_token", dms["token"])
+        dms_file.write_bytes(orjson.dumps(dms, option=orjson.OPT_INDENT_2))
+        dms_file.chmod(0o600)
+    base = m.settings.public_url.rstrip("/")
+    await services.secrets.put(ws["id"], "dms_base_url", f"{base}/demo/dms")
+    return dms | {"bot_id": bot["id"], "channel_id": channel_id}
+
+
 def _banner(settings: Settings, ws: dict[str, Any]) -> None:
     base = settings.public_url.rstrip("/")
     console.print(f"\n[bold]Mayak[/bold] — demo workspace [bold]{ws['name']}[/bold] ({ws['id']})")
@@ -314,8 +367,15 @@ def _banner(settings: Settings, ws: dict[str, Any]) -> None:
     console.print(f"  write key:   {ws['write_key']}")
     console.print(f"  secret key:  {ws['secret_key']}")
     console.print(
-        f"  try:         curl -s {base}/v1/customers?limit=3 -H 'Authorization: Bearer {ws['secret_key']}'\n"
+        f"  try:         curl -s {base}/v1/customers?limit=3 -H 'Authorization: Bearer {ws['secret_key']}'"
     )
+    demo = ws.get("demo")
+    if demo:
+        console.print(f"  web chat:    {base}/v1/webchat/{demo['channel_id']}/demo?key={ws['write_key']}")
+        console.print(
+            f"  DMS orders:  {base}/demo/dms/orders/all  (complete one: POST /demo/dms/orders/WO-…/complete)"
+        )
+    console.print("")
 
 
 @app.command("demo")
@@ -326,13 +386,25 @@ def demo_command(
 ) -> None:
     """Create (or find) the Demo Motors workspace and print its keys."""
     settings = Settings.from_env()
-    ws = _run(lambda m: ensure_demo(m, customers))
+
+    async def setup(m: Mayak) -> dict[str, Any]:
+        ws = await ensure_demo(m, customers)
+        return ws | {"demo": await ensure_demo_bot(m, ws)}
+
+    ws = _run(setup)
     if as_json:
         _print_json(ws)
     else:
         _banner(settings, ws)
     if serve_after:
-        serve(settings.host, settings.port, True)
+        from mayak import demo_dms
+
+        dms = demo_dms.Dms(
+            token=ws["demo"]["token"],
+            hook_url=f"{settings.public_url.rstrip('/')}/v1/hooks/{ws['demo']['hook_id']}",
+            hook_secret=ws["demo"]["hook_secret"],
+        )
+        _serve(settings.host, settings.port, True, extra=[demo_dms.router(dms)])
 
 
 @app.command("worker")
@@ -371,6 +443,10 @@ def serve(
     workers: bool = typer.Option(True, "--workers/--no-workers", help="Run pipeline, outbox and timer loops"),
 ) -> None:
     """Run the HTTP API and the worker loops in one process."""
+    _serve(host, port, workers)
+
+
+def _serve(host: str | None, port: int | None, workers: bool, extra: list[Any] | None = None) -> None:
     import uvicorn
 
     from mayak.api.app import create_app
@@ -384,6 +460,8 @@ def serve(
     asyncio.run(upgrade_async(settings.database_url))
     mayak_obj = Mayak(settings)
     application = create_app(mayak_obj, workers=workers)
+    for router in extra or []:
+        application.include_router(router)
     config = uvicorn.Config(
         application,
         host=host or settings.host,

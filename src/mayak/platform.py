@@ -134,6 +134,7 @@ class Mayak:
         self._tasks.clear()
         await self.writer.stop()
         await self.destinations.close()
+        await self.channels.close()
         from mayak.integrations import calls
 
         await calls.close(self)

@@ -27,6 +27,7 @@ from mayak.pipeline.processor import Pipeline
 from mayak.timeutil import ms_to_rfc3339, now_ms
 
 STATUSES = (STATUS_BOT, STATUS_WAITING, STATUS_HUMAN)
+Buttons = list[dict[str, Any]]  # module level: inside the class, ``list`` names the method
 MAX_REPLY = 4096
 TRANSCRIPT = 50
 
@@ -77,7 +78,7 @@ class ConversationService:
         return _view(row) | {"transcript": transcript}
 
     async def reply(
-        self, ws_id: str, conversation_id: str, *, text: str, buttons: list[dict[str, Any]], actor: str
+        self, ws_id: str, conversation_id: str, *, text: str, buttons: Buttons, actor: str
     ) -> dict[str, Any]:
         text = (text or "").strip()
         if not text:

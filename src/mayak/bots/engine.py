@@ -516,7 +516,11 @@ class Turn:
     def _step_say(self, body: Any) -> bool:
         if isinstance(body, dict) and "text" in body:
             buttons = [
-                Button(self._render(self.bot.text(b["title"], self._lang())), b.get("payload"), b.get("url"))
+                Button(
+                    self._render(self.bot.text(b["title"], self._lang())),
+                    b.get("payload"),
+                    self._render(b["url"]) if b.get("url") else None,
+                )
                 for b in body.get("buttons", [])
             ]
             self.say(self.bot.text(body["text"], self._lang()), buttons)
@@ -637,7 +641,9 @@ class Turn:
             for kind, template in (body.get("identities") or {}).items():
                 value = render_value(template, scope)
                 if value not in (None, ""):
-                    self.fx.events.append({"type": "identity.linked", "payload": {"kind": kind, "value": str(value)}})
+                    self.fx.events.append(
+                        {"type": "identity.linked", "payload": {"kind": kind, "value": str(value)}}
+                    )
             if "tags" in body:
                 tags = list(self.customer.traits.get("tags") or [])
                 for tag in body["tags"]:

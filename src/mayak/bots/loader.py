@@ -114,7 +114,7 @@ def load_texts(files: dict[str, str]) -> LoadedBot:
         if data is None:
             continue
         file_issues = [
-            BotIssue(fname, _line_of(lines, tuple(err.absolute_path)), _schema_message(err), _jpath(err))
+            BotIssue(fname, _line_of(lines, _err_path(err)), _schema_message(err), _jpath(err))
             for err in sorted(_validator().iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
         ]
         if file_issues:
@@ -192,16 +192,32 @@ def _line_of(lines: dict[Path_, int], path: Path_) -> int:
     return lines.get((), 1)
 
 
+def _unknown_fields(err: Any) -> list[str]:
+    if err.validator != "additionalProperties" or not isinstance(err.instance, dict):
+        return []
+    known = set(err.schema.get("properties", {}))
+    return sorted(str(k) for k in err.instance if k not in known)
+
+
+def _err_path(err: Any) -> Path_:
+    """Where the problem is; for an unknown field, the field itself (its own line)."""
+    path: Path_ = tuple(err.absolute_path)
+    extra = _unknown_fields(err)
+    return (*path, extra[0]) if extra else path
+
+
 def _jpath(err: Any) -> str:
     out = "$"
-    for part in err.absolute_path:
+    for part in _err_path(err):
         out += f"[{part}]" if isinstance(part, int) else f".{part}"
     return out
 
 
 def _schema_message(err: Any) -> str:
     if err.validator == "additionalProperties":
-        return f"unknown field: {err.message.split('(')[-1].rstrip(')')}"
+        extra = _unknown_fields(err)
+        if extra:
+            return f"unknown field `{extra[0]}`"
     if err.validator in ("oneOf", "anyOf"):
         return f"{err.instance!r:.60} is not a valid value here"
     return str(err.message)

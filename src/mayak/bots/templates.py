@@ -47,6 +47,8 @@ def environment() -> ImmutableSandboxedEnvironment:
 
 def _money(value: Any, currency: str = "") -> str:
     """``{{ 1234550 | money('RUB') }}`` → ``12 345.50 RUB`` (integer minor units in)."""
+    if isinstance(value, jinja2.Undefined) or value is None:
+        return ""
     try:
         minor = int(value)
     except (TypeError, ValueError):

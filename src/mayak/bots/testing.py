@@ -122,8 +122,8 @@ def _step(s: _Session, step: dict[str, Any], where: str, result: TestResult) -> 
             (b for b in s.offered if wanted in (b.title, b.payload) or folded == b.title.casefold()), None
         )
         if button is None:
-            titles = ", ".join(b.title for b in s.offered) or "none"
-            _fail(result, f"{where}: no button {wanted!r} was offered (offered: {titles})")
+            offered = ", ".join(b.title for b in s.offered) or "none"
+            _fail(result, f"{where}: no button {wanted!r} was offered (offered: {offered})")
         else:
             s.feed(s.next_input("button", payload=button.payload, title=button.title))
     elif "event" in step:
@@ -144,13 +144,12 @@ def _step(s: _Session, step: dict[str, Any], where: str, result: TestResult) -> 
     if "bot" in step:
         if not s.inbox:
             _fail(result, f"{where}: expected the bot to say {step['bot']!r}, it said nothing")
-        message = s.inbox.pop(0)
-        s.last = message
-        if not _matches(str(step["bot"]), message.text):
-            _fail(result, f"{where}: expected {step['bot']!r}, the bot said {message.text!r}")
+        said = s.inbox.pop(0)
+        s.last = said
+        if not _matches(str(step["bot"]), said.text):
+            _fail(result, f"{where}: expected {step['bot']!r}, the bot said {said.text!r}")
     if "buttons" in step:
-        message = s.last
-        titles = [b.title for b in (message.buttons if message else ())]
+        titles = [b.title for b in (s.last.buttons if s.last else ())]
         if titles != [str(t) for t in step["buttons"]]:
             _fail(result, f"{where}: expected buttons {step['buttons']}, got {titles}")
     if step.get("no_reply") and s.inbox:

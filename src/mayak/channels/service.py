@@ -41,6 +41,16 @@ class ChannelService:
     def register(self, adapter: ChannelAdapter) -> None:
         self.adapters[adapter.type] = adapter
 
+    async def close(self) -> None:
+        """Release what adapters hold (HTTP clients, sockets)."""
+        for adapter in self.adapters.values():
+            close = getattr(adapter, "close", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.warning("channel_adapter_close_failed", channel_type=adapter.type, exc_info=True)
+
     def adapter(self, channel_type: str) -> ChannelAdapter:
         try:
             return self.adapters[channel_type]
