@@ -55,6 +55,7 @@ from common import (
     write_json,
 )
 
+BOT_DIR = Path(__file__).parent / "bots" / "showroom"
 TEXTS = (
     "Hi, is the Aurora available for a test drive?",
     "What does a service cost?",
@@ -106,8 +107,10 @@ async def publish_benchmark_bot(host: str, port: int, secret_key: str, channel_i
     """
     if importlib.util.find_spec("mayak.bots") is None:
         return None
-    # TODO(bots): create and publish the benchmark bot here; until then, measure to the ack.
-    return None
+    files = {p.name: p.read_text("utf-8") for p in BOT_DIR.glob("*.yaml")}
+    bot = await http_json(host, port, "POST", "/v1/bots", secret_key, {"files": files})
+    await http_json(host, port, "PATCH", f"/v1/channels/{channel_id}", secret_key, {"bot_id": bot["id"]})
+    return str(bot["id"])
 
 
 # -- the load ---------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class Mayak:
             routers=[self.destinations.route, self.bot_router.route],
             workspaces=self.workspaces,
         )
+        self.pipeline.wake_deliveries = self.outbox.wake
         if settings.inline_pipeline:
             self.writer.pipeline = self.pipeline
         self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)

@@ -105,7 +105,7 @@ class BotRouter:
         for item in work:
             await run.turn(item)
         await run.write()
-        return len(work)
+        return len(run.outbox)
 
     async def _work_for(
         self, ev: LoggedEvent, ws_id: str, current: dict[str, CompiledBot], triggers: set[str]

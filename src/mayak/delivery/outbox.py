@@ -252,6 +252,11 @@ class OutboxDispatcher:
         self._recorder = _Recorder(self._record)
         self._rng = random.Random()
         self._depth_refreshed = -1e9
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """New rows were committed: claim now instead of at the next poll."""
+        self._wake.set()
 
     def register(self, kind: str, handler: Handler) -> None:
         self._handlers[kind] = handler
@@ -289,7 +294,7 @@ class OutboxDispatcher:
         delivery is recorded the loop claims again, so the next row of that lane goes out at once.
         """
         active: set[asyncio.Task[None]] = set()
-        wake = asyncio.Event()
+        wake = self._wake
 
         def finished(task: asyncio.Task[None]) -> None:
             active.discard(task)

@@ -31,6 +31,7 @@ from mayak.workspaces.service import WorkspaceService
 log = structlog.get_logger("mayak.pipeline")
 
 CONSUMER = "profiles"
+FOLLOW_ROUNDS = 4
 Router = Callable[[AsyncConnection, str, list[LoggedEvent]], Awaitable[int]]
 
 
@@ -59,6 +60,9 @@ class Pipeline:
         self._running = False
         self._processed = 0
         self._next_analyze = 10_000
+        self._deliveries_pending = False
+        # Called after a commit that routed something into the outbox (set by the platform).
+        self.wake_deliveries: Callable[[], None] | None = None
 
     # -- loops -------------------------------------------------------------------------------
 
@@ -132,25 +136,13 @@ class Pipeline:
         async with self.db.write() as conn:
             await self.db.lock_workspace(conn, ws_id, CONSUMER)
             position = await self._cursor(conn, ws_id)
-            sql = self.sql
-            rows = (
-                await conn.exec_driver_sql(
-                    f"SELECT {EVENT_COLUMNS} FROM events "
-                    f"WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} ORDER BY seq LIMIT {sql.p(3)}",
-                    (ws_id, position, self.batch_size),
-                )
-            ).all()
+            rows = await self._read_after(conn, ws_id, position)
             if not rows:
                 self._positions[ws_id] = position
                 return 0
-            logged = [logged_from_tuple(r) for r in rows]
-            batch, items = await self._resolve(conn, ws_id, logged)
-            routed, updates, dropped = batch.attribute(items)
-            await batch.write_state()
-            await batch.store_attribution(updates, dropped)
-            new_position = rows[-1][0]
-            derived = await self._finish(conn, ws_id, batch, len(items), routed, new_position)
-        if derived:
+            new_position, derived = await self._process_stored(conn, ws_id, rows)
+            new_position, more = await self._follow(conn, ws_id, new_position)
+        if derived or more:
             self.notifier.notify()
         log.debug(
             "pipeline_batch",
@@ -160,6 +152,44 @@ class Pipeline:
         )
         await self.advanced(ws_id, new_position)
         return len(rows)
+
+    async def _read_after(self, conn: AsyncConnection, ws_id: str, position: int) -> list[Any]:
+        sql = self.sql
+        return list(
+            (
+                await conn.exec_driver_sql(
+                    f"SELECT {EVENT_COLUMNS} FROM events "
+                    f"WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} ORDER BY seq LIMIT {sql.p(3)}",
+                    (ws_id, position, self.batch_size),
+                )
+            ).all()
+        )
+
+    async def _process_stored(self, conn: AsyncConnection, ws_id: str, rows: list[Any]) -> tuple[int, int]:
+        """Process events already in the log; returns (new position, events derived)."""
+        logged = [logged_from_tuple(r) for r in rows]
+        batch, items = await self._resolve(conn, ws_id, logged)
+        routed, updates, dropped = batch.attribute(items)
+        await batch.write_state()
+        await batch.store_attribution(updates, dropped)
+        new_position = int(rows[-1][0])
+        derived = await self._finish(conn, ws_id, batch, len(items), routed, new_position)
+        return new_position, derived
+
+    async def _follow(self, conn: AsyncConnection, ws_id: str, position: int) -> tuple[int, int]:
+        """Process, in the same transaction, what this transaction appended after ``position``: the
+        pipeline's own records and what its consumers derived (a bot's messages, turns and profile
+        changes). The lane then stays caught up, so the next events are processed inline too, and a
+        bot's changes reach the profile before its next turn. Bounded, so a flow that triggers itself
+        cannot spin here (the lane goes on with the rest later)."""
+        followed = 0
+        for _ in range(FOLLOW_ROUNDS):
+            rows = await self._read_after(conn, ws_id, position)
+            if not rows:
+                break
+            position, _ = await self._process_stored(conn, ws_id, rows)
+            followed += len(rows)
+        return position, followed
 
     async def process_new(
         self, conn: AsyncConnection, ws_id: str, kept: list[NewEvent], seqs: list[int]
@@ -195,7 +225,8 @@ class Pipeline:
             await eventlog.insert(self.db, conn, routed, [ev.seq for ev in routed])
         await batch.write_state()
         await self._finish(conn, ws_id, batch, len(items), routed, seqs[-1])
-        return seqs[-1]
+        position, _ = await self._follow(conn, ws_id, seqs[-1])
+        return position
 
     async def _caught_up(self, conn: AsyncConnection, ws_id: str) -> bool:
         if self.db.dialect == "postgresql" and not await self.db.try_lock_workspace(conn, ws_id, CONSUMER):
@@ -230,7 +261,8 @@ class Pipeline:
         if batch.derived:
             await append(self.db, conn, batch.derived)
         for router in self.routers:
-            await router(conn, ws_id, routed)
+            if await router(conn, ws_id, routed):
+                self._deliveries_pending = True
         await self._save_cursor(conn, ws_id, position, batch.now)
         self.metrics.events_processed.inc(len(routed))
         self._processed += handled
@@ -243,7 +275,12 @@ class Pipeline:
         return len(batch.derived)
 
     async def advanced(self, ws_id: str, position: int) -> None:
-        """A batch up to ``position`` is committed: wake whoever waits for it."""
+        """A batch up to ``position`` is committed: wake whoever waits for it (and the outbox, when
+        routers wrote rows into it)."""
+        if self._deliveries_pending:
+            self._deliveries_pending = False
+            if self.wake_deliveries is not None:
+                self.wake_deliveries()
         if self._processed >= self._next_analyze:
             self._next_analyze = self._processed * 2
             await self._refresh_statistics()
