@@ -107,6 +107,7 @@ class Customer:
     context: dict[str, Any] = field(default_factory=dict)
     stage: str | None = None
     events: list[dict[str, Any]] = field(default_factory=list)
+    region: str = "US"  # how national phone numbers are read (the workspace's default region)
 
 
 class Turn:
@@ -210,6 +211,15 @@ class Turn:
     def _customer_spoke(self, inp: Input) -> None:
         st = self.state
         text = (inp.text or "").strip()
+        spoken = _script_language(text)
+        if (
+            spoken in self.bot.languages
+            and not self.customer.preferences.get("language")
+            and not self._waiting_ask()
+        ):
+            # Answer in the language the customer writes in (not while they answer a question: a car
+            # model or a name in Latin letters says nothing about a Russian speaker's language).
+            st.language = spoken
         if text.startswith("/"):
             command = text.split()[0].lower()
             flow = self.bot.command_flows.get(command)
@@ -384,12 +394,11 @@ class Turn:
             email = text.lower()
             return (email, True) if _EMAIL.match(email) and len(email) <= 254 else (None, False)
         if kind == "phone":
-            region = str(self.customer.preferences.get("region") or "RU")
             try:
-                number = phonenumbers.parse(text, region)
+                number = phonenumbers.parse(text, self.customer.region)
             except phonenumbers.NumberParseException:
                 return None, False
-            if not phonenumbers.is_valid_number(number):
+            if not phonenumbers.is_possible_number(number):
                 return None, False
             return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164), True
         if kind == "number":
@@ -877,6 +886,19 @@ class Turn:
 
 class _Fail(Exception):
     """A turn cannot go on (a template in a call failed, a goto loop): safe text, flow ends."""
+
+
+def _script_language(text: str) -> str | None:
+    """``ru`` for Cyrillic text, ``en`` for Latin text, None for digits, commands and the like."""
+    cyrillic = latin = 0
+    for ch in text[:200]:
+        if "а" <= ch.lower() <= "я" or ch in "ёЁ":
+            cyrillic += 1
+        elif "a" <= ch.lower() <= "z":
+            latin += 1
+    if cyrillic + latin < 2 or text.startswith("/"):
+        return None
+    return "ru" if cyrillic >= latin else "en"
 
 
 def _dig(data: Any, path: str) -> Any:
