@@ -305,6 +305,12 @@ async def ensure_demo(m: Mayak, customers: int) -> dict[str, Any]:
     return saved
 
 
+DEMO_GREETING = (
+    "Hello! I am the Demo Motors assistant: book a service visit, ask whether your car is ready, "
+    "our hours and prices, or ask for a person. Пишите и по-русски."
+)
+
+
 async def ensure_demo_bot(m: Mayak, ws: dict[str, Any]) -> dict[str, Any]:
     """The Demo Motors bot on a web-chat channel, and the demo DMS wired both ways: the bot calls it
     with a token (integration secrets), it reports finished work through a signed hook.
@@ -326,7 +332,7 @@ async def ensure_demo_bot(m: Mayak, ws: dict[str, Any]) -> dict[str, Any]:
             ws["id"],
             type="webchat",
             name="Demo Motors web chat",
-            config={"title": "Demo Motors"},
+            config={"title": "Demo Motors", "greeting": DEMO_GREETING},
             bot_id=bot["id"],
         )
         channel_id = created["id"]

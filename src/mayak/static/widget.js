@@ -78,8 +78,16 @@
     return e;
   }
   var wrap = el("div", "wrap");
-  var fab = el("button", "fab", "\uD83D\uDCAC");
+  var fab = el("button", "fab");
   fab.setAttribute("aria-label", "Open chat"); fab.type = "button";
+  // A speech bubble drawn as SVG: emoji fonts are missing on many systems.
+  var svgNs = "http://www.w3.org/2000/svg";
+  var icon = document.createElementNS(svgNs, "svg");
+  icon.setAttribute("viewBox", "0 0 24 24"); icon.setAttribute("width", "26"); icon.setAttribute("height", "26");
+  var iconPath = document.createElementNS(svgNs, "path");
+  iconPath.setAttribute("fill", "currentColor");
+  iconPath.setAttribute("d", "M4 3h16a2 2 0 0 1 2 2v10a2 2 0 0 1-2 2H9l-5 4v-4a2 2 0 0 1-2-2V5a2 2 0 0 1 2-2z");
+  icon.appendChild(iconPath); fab.appendChild(icon);
   fab.appendChild(el("span", "dot"));
   var panel = el("div", "panel");
   panel.setAttribute("role", "dialog");
