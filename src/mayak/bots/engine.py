@@ -220,6 +220,10 @@ class Turn:
             # Answer in the language the customer writes in (not while they answer a question: a car
             # model or a name in Latin letters says nothing about a Russian speaker's language).
             st.language = spoken
+        if inp.data.get("linked") and self._waiting_ask():
+            # A deep link brought the customer here mid-conversation: carry on where they were.
+            self._prompt_again()
+            return
         if text.startswith("/"):
             command = text.split()[0].lower()
             flow = self.bot.command_flows.get(command)
