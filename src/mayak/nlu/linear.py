@@ -1,0 +1,275 @@
+"""The built-in default engine: TF-IDF character and word n-grams and a linear SVM, calibrated.
+
+Text is normalised (Unicode NFKC, lower case, ``ё`` → ``е``, every digit → ``0``, punctuation → space),
+then described by two L2-normalised TF-IDF blocks (sublinear term frequency, smoothed IDF): character
+n-grams inside word boundaries (2–5 by default: robust to typos and Russian inflection) and word uni-
+and bigrams. A one-vs-rest linear SVM (scikit-learn's ``LinearSVC``) is trained on them.
+
+Confidences are calibrated as :mod:`mayak.nlu.calibration` describes: a softmax temperature and a
+cap on the best intent, both fitted to out-of-fold SVM scores, so gibberish gets a low confidence.
+
+Parsing does not go through scikit-learn: the fitted vocabulary and weights are kept as a dict and a
+NumPy matrix, and one utterance is featurised and scored directly (tens of microseconds).
+
+With a single intent there is nothing to separate: that intent is always returned, with the highest
+cosine similarity between the utterance and a training example as its confidence.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+from .base import Entity, Example, IntentScore, NotTrainedError, Parse, check_examples
+from .calibration import (
+    Calibration,
+    FloatArray,
+    IntArray,
+    cross_validated_calibration,
+    fit_svm,
+    gibberish,
+    gibberish_count,
+    svm_scorer,
+)
+from .entities import extract_entities
+
+_DIGIT = re.compile(r"\d")
+_NON_WORD = re.compile(r"[^\w\s]|_")
+
+
+def normalise(text: str) -> str:
+    """NFKC, lower case, ``ё`` → ``е``, digits → ``0``, punctuation → space, single spaces."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("ё", "е")
+    text = _DIGIT.sub("0", text)
+    return " ".join(_NON_WORD.sub(" ", text).split())
+
+
+class _Featuriser:
+    """Two TF-IDF blocks over a fitted vocabulary: char n-grams within words, then word n-grams."""
+
+    def __init__(self, char_ngrams: tuple[int, int], word_ngrams: tuple[int, int]) -> None:
+        self.char_lo, self.char_hi = char_ngrams
+        self.word_lo, self.word_hi = word_ngrams
+        self.char_vocab: dict[str, int] = {}
+        self.word_vocab: dict[str, int] = {}  # indices continue after the char block
+        self.idf: FloatArray = np.zeros(0)
+        self.unseen_idf = 1.0
+        self.n_char = 0
+        self.n_features = 0
+
+    def _char_grams(self, words: list[str]) -> list[str]:
+        lo, hi = self.char_lo, self.char_hi
+        return [
+            p[i : i + n]
+            for p in [f" {w} " for w in words]
+            for n in range(lo, min(hi, len(p)) + 1)
+            for i in range(len(p) - n + 1)
+        ]
+
+    def _word_grams(self, words: list[str]) -> list[str]:
+        return [
+            " ".join(words[i : i + n])
+            for n in range(self.word_lo, self.word_hi + 1)
+            for i in range(len(words) - n + 1)
+        ]
+
+    def fit(self, texts: Sequence[str]) -> sparse.csr_matrix:
+        """Learn vocabulary and IDF from normalised texts; return their feature matrix."""
+        char_df: Counter[str] = Counter()
+        word_df: Counter[str] = Counter()
+        per_text: list[tuple[Counter[str], Counter[str]]] = []
+        for t in texts:
+            words = t.split()
+            chars, grams = Counter(self._char_grams(words)), Counter(self._word_grams(words))
+            char_df.update(chars.keys())
+            word_df.update(grams.keys())
+            per_text.append((chars, grams))
+        self.char_vocab = {g: i for i, g in enumerate(sorted(char_df))}
+        self.n_char = len(self.char_vocab)
+        self.word_vocab = {g: self.n_char + i for i, g in enumerate(sorted(word_df))}
+        self.n_features = self.n_char + len(self.word_vocab)
+        df = np.empty(self.n_features)
+        for g, i in self.char_vocab.items():
+            df[i] = char_df[g]
+        for g, i in self.word_vocab.items():
+            df[i] = word_df[g]
+        self.idf = np.log((1.0 + len(texts)) / (1.0 + df)) + 1.0
+        self.unseen_idf = math.log((1.0 + len(texts)) / 2.0) + 1.0  # as if seen in one text
+        rows = []
+        for chars, grams in per_text:
+            counts = {self.char_vocab[g]: n for g, n in chars.items()}
+            counts.update((self.word_vocab[g], n) for g, n in grams.items())
+            rows.append(self._weigh(counts))
+        return self._stack(rows)
+
+    def vector(self, text: str) -> tuple[IntArray, FloatArray]:
+        """Feature indices and values of one normalised text (each block L2-normalised).
+
+        N-grams outside the vocabulary have no feature, but they count in each block's norm with the
+        weight of an n-gram seen once: a text that shares one n-gram with the training data gets a
+        short vector (a low score), not that n-gram at full length. This is also how held-out texts
+        look to the fold models that calibrate the confidences."""
+        words = text.split()
+        counts: dict[int, int] = {}
+        log = math.log
+        unknown_char = 0.0
+        cv = self.char_vocab
+        for g, n in Counter(self._char_grams(words)).items():
+            j = cv.get(g)
+            if j is None:
+                unknown_char += (1.0 + log(n)) ** 2
+            else:
+                counts[j] = n
+        unknown_word = 0.0
+        wv = self.word_vocab
+        for g, n in Counter(self._word_grams(words)).items():
+            j = wv.get(g)
+            if j is None:
+                unknown_word += (1.0 + log(n)) ** 2
+            else:
+                counts[j] = n
+        w = self.unseen_idf * self.unseen_idf
+        return self._weigh(counts, unknown_char * w, unknown_word * w)
+
+    def _weigh(
+        self, counts: dict[int, int], extra_char_sq: float = 0.0, extra_word_sq: float = 0.0
+    ) -> tuple[IntArray, FloatArray]:
+        if not counts:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        idx = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+        tf = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+        vals = (1.0 + np.log(tf)) * self.idf[idx]
+        is_char = idx < self.n_char
+        sq = vals * vals
+        char_norm = math.sqrt(float(sq[is_char].sum()) + extra_char_sq)
+        word_norm = math.sqrt(float(sq[~is_char].sum()) + extra_word_sq)
+        vals /= np.where(is_char, char_norm or 1.0, word_norm or 1.0)
+        return idx, vals
+
+    def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
+        return self._stack([self.vector(t) for t in texts])
+
+    def _stack(self, rows: list[tuple[IntArray, FloatArray]]) -> sparse.csr_matrix:
+        indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(idx) for idx, _ in rows], out=indptr[1:])
+        if rows:
+            indices = np.concatenate([idx for idx, _ in rows])
+            data = np.concatenate([vals for _, vals in rows])
+        else:
+            indices, data = np.zeros(0, dtype=np.int64), np.zeros(0)
+        return sparse.csr_matrix((data, indices, indptr), shape=(len(rows), self.n_features))
+
+
+@dataclass(frozen=True, slots=True)
+class _Model:
+    featuriser: _Featuriser
+    intents: tuple[str, ...]
+    weights: FloatArray | None  # (n_features, n_intents); None with a single intent
+    bias: FloatArray | None
+    calibration: Calibration | None
+    examples: sparse.csr_matrix | None  # single intent: unit-norm training vectors
+
+
+class LinearEngine:
+    """Character and word n-gram TF-IDF with a calibrated linear SVM (the default engine).
+
+    ``c`` is the SVM's regularisation constant; ``ranking_length`` caps how many intents a parse lists
+    (0: all); ``entities`` turns rule-based entity extraction on in ``parse`` (with ``tz`` and
+    ``region`` passed to :func:`~mayak.nlu.entities.extract_entities`).
+    """
+
+    name = "linear"
+
+    def __init__(
+        self,
+        *,
+        char_ngrams: tuple[int, int] = (2, 5),
+        word_ngrams: tuple[int, int] = (1, 2),
+        c: float = 1.0,
+        ranking_length: int = 10,
+        entities: bool = True,
+        tz: str | None = None,
+        region: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not (1 <= char_ngrams[0] <= char_ngrams[1]) or not (1 <= word_ngrams[0] <= word_ngrams[1]):
+            raise ValueError("n-gram ranges must be (lo, hi) with 1 <= lo <= hi")
+        if c <= 0:
+            raise ValueError("c must be positive")
+        self.char_ngrams = (int(char_ngrams[0]), int(char_ngrams[1]))
+        self.word_ngrams = (int(word_ngrams[0]), int(word_ngrams[1]))
+        self.c = float(c)
+        self.ranking_length = int(ranking_length)
+        self.entities = entities
+        self.tz = tz
+        self.region = region
+        self.seed = seed
+        self._model: _Model | None = None
+
+    @property
+    def intents(self) -> tuple[str, ...]:
+        """The intents learnt by the last ``train`` (sorted), empty before."""
+        return self._model.intents if self._model else ()
+
+    def train(self, examples: Sequence[Example]) -> None:
+        kept = check_examples(examples)
+        texts = [normalise(e.text) for e in kept]
+        intents = tuple(sorted({e.intent for e in kept}))
+        featuriser = _Featuriser(self.char_ngrams, self.word_ngrams)
+        x = featuriser.fit(texts)
+        if len(intents) == 1:
+            unit = sparse.csr_matrix(x * (1.0 / math.sqrt(2.0)))
+            self._model = _Model(featuriser, intents, None, None, None, unit)
+            return
+        index = {name: i for i, name in enumerate(intents)}
+        y = np.fromiter((index[e.intent] for e in kept), dtype=np.int64, count=len(kept))
+        noise = featuriser.transform(gibberish(texts, gibberish_count(len(texts)), self.seed))
+        calibration = cross_validated_calibration(
+            x, y, len(intents), svm_scorer(self.c, len(intents), self.seed), self.seed, noise
+        )
+        weights, bias = fit_svm(x, y, len(intents), self.c, self.seed)
+        self._model = _Model(featuriser, intents, np.ascontiguousarray(weights), bias, calibration, None)
+
+    def probabilities(self, text: str) -> dict[str, float]:
+        """Calibrated probability of every intent (they may sum to less than 1: "none of these")."""
+        model = self._require_model()
+        return dict(zip(model.intents, self._probs(model, normalise(text)).tolist(), strict=True))
+
+    def _require_model(self) -> _Model:
+        if self._model is None:
+            raise NotTrainedError("LinearEngine.parse called before train")
+        return self._model
+
+    def _probs(self, model: _Model, norm: str) -> FloatArray:
+        idx, vals = model.featuriser.vector(norm)
+        if model.weights is None or model.bias is None or model.calibration is None:
+            if model.examples is None or len(idx) == 0:
+                return np.zeros(1)
+            v = sparse.csr_matrix(
+                (vals / math.sqrt(2.0), idx, np.array([0, len(idx)])), shape=(1, model.featuriser.n_features)
+            )
+            sim = float((model.examples @ v.T).max())
+            return np.array([min(1.0, max(0.0, sim))])
+        if len(idx) == 0:  # nothing the engine has ever seen: no evidence for any intent
+            return np.zeros(len(model.intents))
+        scores: FloatArray = vals @ model.weights[idx] + model.bias
+        return model.calibration.probabilities(scores)
+
+    def parse(self, text: str) -> Parse:
+        model = self._require_model()
+        probs = self._probs(model, normalise(text))
+        n = len(probs)
+        limit = n if self.ranking_length <= 0 else min(n, self.ranking_length)
+        order = np.argsort(-probs, kind="stable")[:limit] if n > 1 else np.zeros(1, dtype=np.int64)
+        intents = [IntentScore(model.intents[i], float(probs[i])) for i in order.tolist()]
+        entities: list[Entity] = (
+            extract_entities(text, tz=self.tz, region=self.region) if self.entities else []
+        )
+        return Parse(text=text, intents=intents, entities=entities)
