@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from mayak.api.auth import get_mayak, require_secret
-from mayak.api.errors import json_response
-from mayak.idempotency import Answer, fingerprint
+from mayak.api.idempotent import create_once
+from mayak.idempotency import Answer
 from mayak.workspaces.service import ApiKey
 
 router = APIRouter(tags=["channels"])
@@ -74,10 +74,7 @@ async def create_channel(
         )
         return Answer(201, created)
 
-    request_print = fingerprint(request.method, request.url.path, await request.body())
-    answer = await mayak.idempotency.run(key.workspace_id, idempotency_key, request_print, create)
-    headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
-    return json_response(answer.body, answer.status, headers)
+    return await create_once(request, key, idempotency_key, create)
 
 
 @router.get("/v1/channels", response_model=ChannelList)

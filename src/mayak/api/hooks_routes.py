@@ -14,7 +14,8 @@ from starlette.responses import Response
 
 from mayak.api.auth import get_mayak, require_secret
 from mayak.api.errors import json_response
-from mayak.idempotency import Answer, fingerprint
+from mayak.api.idempotent import create_once
+from mayak.idempotency import Answer
 from mayak.ingest.body import read_limited
 from mayak.integrations.calls import integrations
 from mayak.workspaces.service import ApiKey
@@ -110,10 +111,7 @@ async def create_hook(
     async def create() -> Answer:
         return Answer(201, await hooks.create(key.workspace_id, name=body.name, mapping=body.mapping))
 
-    request_print = fingerprint(request.method, request.url.path, await request.body())
-    answer = await mayak.idempotency.run(key.workspace_id, idempotency_key, request_print, create)
-    headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
-    return json_response(answer.body, answer.status, headers)
+    return await create_once(request, key, idempotency_key, create)
 
 
 @router.get("/v1/hooks", response_model=HookList, summary="List inbound hooks")

@@ -15,10 +15,11 @@ from starlette.responses import Response
 
 from mayak.api.auth import get_mayak, require_secret
 from mayak.api.errors import json_response
+from mayak.api.idempotent import create_once
 from mayak.channels import link_tokens
 from mayak.channels.telegram import CHANNEL_TYPE, SECRET_HEADER, receive_update
 from mayak.errors import AuthenticationError, NotFound
-from mayak.idempotency import Answer, fingerprint
+from mayak.idempotency import Answer
 from mayak.ingest.body import read_limited
 from mayak.timeutil import ms_to_rfc3339
 from mayak.workspaces.service import ApiKey
@@ -127,7 +128,4 @@ async def create_link_token(
             },
         )
 
-    request_print = fingerprint(request.method, request.url.path, await request.body())
-    answer = await mayak.idempotency.run(key.workspace_id, idempotency_key, request_print, create)
-    headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
-    return json_response(answer.body, answer.status, headers)
+    return await create_once(request, key, idempotency_key, create)

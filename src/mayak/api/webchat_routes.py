@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from mayak.api.auth import get_mayak, require_secret
-from mayak.api.errors import json_response
+from mayak.api.idempotent import create_once
 from mayak.channels import user_tokens
 from mayak.channels.webchat import TYPE, adapter_of
 from mayak.errors import InvalidRequest, NotFound
-from mayak.idempotency import Answer, fingerprint
+from mayak.idempotency import Answer
 from mayak.platform import Mayak
 from mayak.timeutil import ms_to_rfc3339
 from mayak.workspaces.service import ApiKey
@@ -162,10 +162,7 @@ async def create_user_token(
         )
         return Answer(201, {"token": token, "expires_at": ms_to_rfc3339(expires * 1000)})
 
-    request_print = fingerprint(request.method, request.url.path, await request.body())
-    answer = await mayak.idempotency.run(key.workspace_id, idempotency_key, request_print, create)
-    headers = {"Idempotent-Replayed": "true"} if answer.replayed else None
-    return json_response(answer.body, answer.status, headers)
+    return await create_once(request, key, idempotency_key, create)
 
 
 @router.get("/v1/webchat/user_token_secret", response_model=UserTokenSecret)

@@ -20,11 +20,10 @@ from mayak.channels.events import INBOUND_NAMES
 from mayak.db.database import Database
 from mayak.db.schema import conversations, events
 from mayak.errors import Conflict, InvalidRequest, NotFound
-from mayak.eventlog import NewEvent, last_seq
 from mayak.ingest.writer import IngestWriter
-from mayak.pipeline.customers import check_limit, decode_cursor, encode_cursor
+from mayak.pipeline.customers import apply_admin_event, check_limit, decode_cursor, encode_cursor
 from mayak.pipeline.processor import Pipeline
-from mayak.timeutil import ms_to_rfc3339, now_ms
+from mayak.timeutil import ms_to_rfc3339
 
 STATUSES = (STATUS_BOT, STATUS_WAITING, STATUS_HUMAN)
 Buttons = list[dict[str, Any]]  # module level: inside the class, ``list`` names the method
@@ -137,24 +136,9 @@ class ConversationService:
     async def _append(
         self, ws_id: str, customer_id: str, etype: str, payload: dict[str, Any], actor: str
     ) -> None:
-        now = now_ms()
-        await self.writer.submit(
-            [
-                NewEvent(
-                    workspace_id=ws_id,
-                    type=etype,
-                    timestamp=now,
-                    received_at=now,
-                    payload=payload,
-                    source="admin",
-                    actor=actor,
-                    customer_id=customer_id,
-                )
-            ]
+        await apply_admin_event(
+            self.db, self.writer, self.pipeline, ws_id, customer_id, etype, payload, actor
         )
-        async with self.db.read() as conn:
-            seq = await last_seq(conn, ws_id)
-        await self.pipeline.wait_for(ws_id, seq)
 
 
 async def _row(conn: Any, ws_id: str, conversation_id: str) -> Any:

@@ -50,6 +50,35 @@ def _admin_check(check: Callable[[Any, str], None], value: Any, path: str) -> No
         raise InvalidRequest(exc.code, exc.message, exc.param) from exc
 
 
+async def apply_admin_event(
+    db: Database,
+    writer: IngestWriter,
+    pipeline: Pipeline,
+    ws_id: str,
+    customer_id: str,
+    etype: str,
+    payload: dict[str, Any],
+    actor: str,
+) -> None:
+    """Append an admin action as an event on the customer and return once the pipeline applied it
+    (so the caller reads its own write)."""
+    now = now_ms()
+    event = NewEvent(
+        workspace_id=ws_id,
+        type=etype,
+        timestamp=now,
+        received_at=now,
+        payload=payload,
+        source="admin",
+        actor=actor,
+        customer_id=customer_id,
+    )
+    await writer.submit([event])
+    async with db.read() as conn:
+        seq = await last_seq(conn, ws_id)
+    await pipeline.wait_for(ws_id, seq)
+
+
 def encode_cursor(value: str | int) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
 
@@ -254,24 +283,7 @@ class CustomerService:
         if len(orjson.dumps(body)) > MAX_ADMIN_BYTES:
             raise InvalidRequest("event_too_large", f"the change is larger than {MAX_ADMIN_BYTES} bytes", "$")
         survivor = await self.resolve(ws_id, customer_id)
-        now = now_ms()
-        await self.writer.submit(
-            [
-                NewEvent(
-                    workspace_id=ws_id,
-                    type=etype,
-                    timestamp=now,
-                    received_at=now,
-                    payload=body,
-                    source="admin",
-                    actor=actor,
-                    customer_id=survivor,
-                )
-            ]
-        )
-        async with self.db.read() as conn:
-            seq = await last_seq(conn, ws_id)
-        await self.pipeline.wait_for(ws_id, seq)
+        await apply_admin_event(self.db, self.writer, self.pipeline, ws_id, survivor, etype, body, actor)
         return await self.get(ws_id, survivor)
 
     async def set_traits(
