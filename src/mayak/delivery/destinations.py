@@ -25,6 +25,7 @@ from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.schema import destinations, outbox, outbox_attempts, signing_secrets
 from mayak.delivery import webhooks
+from mayak.delivery.http_client import OwnsHttpClient
 from mayak.delivery.outbox import STATUSES, DeliveryOutcome, OutboxItem, OutboxRow, enqueue
 from mayak.errors import InvalidRequest, NotFound
 from mayak.eventlog import LoggedEvent, event_json
@@ -63,7 +64,7 @@ Records = list[dict[str, Any]]
 RouteList = list[_Route]
 
 
-class DestinationService:
+class DestinationService(OwnsHttpClient):
     """CRUD for destinations, routing of processed events into the outbox, and webhook delivery."""
 
     def __init__(
@@ -79,6 +80,7 @@ class DestinationService:
         self.settings = settings
         self._client = client
         self._owns_client = client is None
+        self.client_timeout = settings.webhook_timeout_s
         self._routes: OrderedDict[str, tuple[float, list[_Route]]] = OrderedDict()
         self._secrets: dict[str, str] = {}
 
@@ -314,28 +316,6 @@ class DestinationService:
                 self._secrets.clear()
             self._secrets[secret_id] = secret
         return secret
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=self.settings.webhook_timeout_s,
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-            )
-        return self._client
-
-    @client.setter
-    def client(self, value: httpx.AsyncClient) -> None:
-        """Use another client (a test transport, a proxy); its owner closes it."""
-        self._client = value
-        self._owns_client = False
-
-    async def close(self) -> None:
-        """Close the HTTP client if this service created it (an injected one belongs to its owner)."""
-        if self._client is not None and self._owns_client:
-            await self._client.aclose()
-            self._client = None
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import orjson
 import structlog
 
 from mayak import __version__ as _mayak_version
+from mayak.delivery.http_client import OwnsHttpClient
 from mayak.delivery.outbox import DeliveryOutcome, OutboxRow
 from mayak.errors import StorageError
 from mayak.eventlog import NewEvent
@@ -121,7 +122,7 @@ class _Secrets:
         return text
 
 
-class CallExecutor:
+class CallExecutor(OwnsHttpClient):
     """Performs ``integration_call`` outbox rows and records each answer as an event."""
 
     def __init__(
@@ -339,27 +340,6 @@ class CallExecutor:
             await asyncio.sleep(delay)
         result.retry = False
         return result
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                follow_redirects=False,
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-            )
-        return self._client
-
-    @client.setter
-    def client(self, value: httpx.AsyncClient) -> None:
-        """Use another client (a test transport, a proxy); its owner closes it."""
-        self._client = value
-        self._owns_client = False
-
-    async def close(self) -> None:
-        """Close the HTTP client if this executor created it."""
-        if self._client is not None and self._owns_client:
-            await self._client.aclose()
-            self._client = None
 
 
 # -- wiring ------------------------------------------------------------------------------------
