@@ -17,6 +17,7 @@ import structlog
 from mayak.bots.conversations import ConversationService
 from mayak.bots.router import BotRouter
 from mayak.bots.store import BotStore
+from mayak.channels import telegram, webchat
 from mayak.channels.base import MESSAGE_KIND
 from mayak.channels.service import ChannelService
 from mayak.config import Settings
@@ -27,6 +28,7 @@ from mayak.delivery.timers import TimerWorker
 from mayak.eventlog import LogNotifier, prune_dedup_keys
 from mayak.idempotency import IdempotencyStore
 from mayak.ingest.writer import IngestWriter
+from mayak.integrations import calls
 from mayak.metrics import Metrics
 from mayak.pipeline.customers import CustomerService
 from mayak.pipeline.processor import Pipeline
@@ -86,13 +88,10 @@ class Mayak:
             self.writer.pipeline = self.pipeline
         self.customers = CustomerService(self.db, self.pipeline, self.writer, self.workspaces)
         self.conversations = ConversationService(self.db, self.writer, self.pipeline, self.bots)
-        # Adapters and integrations register their outbox handlers and routers here.
-        from mayak.channels import telegram, webchat
-        from mayak.integrations import calls
-
+        # Adapters and integrations register their outbox handlers here.
         telegram.install(self)
         webchat.install(self)
-        calls.install(self)
+        self.integrations = calls.install(self)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
 
@@ -136,9 +135,7 @@ class Mayak:
         await self.writer.stop()
         await self.destinations.close()
         await self.channels.close()
-        from mayak.integrations import calls
-
-        await calls.close(self)
+        await self.integrations.calls.close()
 
     async def drain(self, *, timeout: float = 30.0, deliveries: bool = True) -> None:
         """Process everything that is due now: pipeline to the end of the log, timers, outbox."""

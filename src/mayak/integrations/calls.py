@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -355,10 +354,7 @@ class Integrations:
     calls: CallExecutor
 
 
-_INSTALLED: weakref.WeakKeyDictionary[Mayak, Integrations] = weakref.WeakKeyDictionary()
-
-
-def install(mayak: Mayak) -> None:
+def install(mayak: Mayak) -> Integrations:
     """Build the integration services and register the ``integration_call`` outbox handler."""
     secrets = IntegrationSecrets(mayak.db, mayak.workspaces)
     plugins = PluginRegistry()
@@ -368,29 +364,23 @@ def install(mayak: Mayak) -> None:
         plugins,
         budget_s=mayak.outbox.attempt_timeout_s - BUDGET_MARGIN_S,
     )
-    _INSTALLED[mayak] = Integrations(
+    mayak.outbox.register(KIND, executor.handle)
+    return Integrations(
         hooks=HookService(mayak.db, mayak.workspaces, mayak.writer, mayak.settings),
         secrets=secrets,
         plugins=plugins,
         calls=executor,
     )
-    mayak.outbox.register(KIND, executor.handle)
 
 
 def integrations(mayak: Mayak) -> Integrations:
-    """The services ``install`` built for ``mayak``."""
-    found = _INSTALLED.get(mayak)
-    if found is None:
-        install(mayak)
-        found = _INSTALLED[mayak]
-    return found
+    """The integration services of ``mayak`` (built by the platform with ``install``)."""
+    return mayak.integrations
 
 
 async def close(mayak: Mayak) -> None:
     """Release what the integrations hold (the HTTP client); call on shutdown."""
-    found = _INSTALLED.get(mayak)
-    if found is not None:
-        await found.calls.close()
+    await mayak.integrations.calls.close()
 
 
 # -- helpers -----------------------------------------------------------------------------------
