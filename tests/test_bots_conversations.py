@@ -443,3 +443,20 @@ async def test_conversations_of_another_workspace_are_invisible(bot: Setup) -> N
     assert r.status_code == 404
     async with bot.mayak.db.read() as c:
         assert (await c.execute(sa.select(sa.func.count()).select_from(conversations))).scalar_one() == 1
+
+
+async def test_export_holds_the_conversation_and_erase_removes_it(bot: Setup) -> None:
+    await bot.say("I want to book a service")
+    await bot.say("Octavia")
+    conv = await bot.conversation()
+    r = await bot.client.get(f"/v1/customers/{conv['customer_id']}/export", headers=admin(bot.ws))
+    [exported] = r.json()["conversations"]
+    assert exported["state"]["slots"] == {"car": "Octavia"} and exported["address"] == "v1"
+    r = await bot.client.delete(f"/v1/customers/{conv['customer_id']}", headers=admin(bot.ws))
+    assert r.status_code == 200, r.text
+    async with bot.mayak.db.read() as c:
+        assert (await c.execute(sa.select(sa.func.count()).select_from(conversations))).scalar_one() == 0
+    # The erased visitor writes again: a new, empty conversation; nothing of the old one comes back.
+    await bot.say("hello", visitor="v1")
+    r = await bot.client.get("/v1/conversations", headers=admin(bot.ws))
+    assert all(c["slots"] == {} for c in r.json()["items"])

@@ -18,6 +18,7 @@ from mayak.db.database import Database
 from mayak.db.schema import (
     CUSTOMER_TABLES,
     consumer_cursors,
+    conversations,
     customers,
     events,
     identities,
@@ -346,6 +347,13 @@ class CustomerService:
                     .order_by(timers.c.id)
                 )
             ).all()
+            convs = (
+                await conn.execute(
+                    sa.select(conversations)
+                    .where(conversations.c.workspace_id == ws_id, conversations.c.customer_id.in_(ids))
+                    .order_by(conversations.c.id)
+                )
+            ).all()
         return {
             "object": "customer_export",
             "exported_at": ms_to_rfc3339(now_ms()),
@@ -372,6 +380,22 @@ class CustomerService:
                     "payload": orjson.loads(r.payload),
                 }
                 for r in tms
+            ],
+            "conversations": [
+                {
+                    "id": r.id,
+                    "bot_id": r.bot_id,
+                    "version": r.version,
+                    "status": r.status,
+                    "state": orjson.loads(r.state),
+                    "channel_id": r.channel_id,
+                    "address": r.address,
+                    "queue": r.queue,
+                    "reason": r.reason,
+                    "created_at": ms_to_rfc3339(r.created_at),
+                    "updated_at": ms_to_rfc3339(r.updated_at),
+                }
+                for r in convs
             ],
         }
 
