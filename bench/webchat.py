@@ -123,6 +123,7 @@ class Conversation:
     visitor: str
     scheduled: dict[str, float] = field(default_factory=dict)  # client id -> scheduled send time
     frames: dict[str, bytes] = field(default_factory=dict)  # client id -> frame (for resends)
+    ack_scheduled: dict[str, float] = field(default_factory=dict)  # client id -> scheduled, until acked
     awaiting_reply: list[str] = field(default_factory=list)  # client ids in send order
 
 
@@ -136,6 +137,7 @@ class Results:
     errors: list[str] = field(default_factory=list)
     ack_latency: list[float] = field(default_factory=list)
     turn_latency: list[float] = field(default_factory=list)
+    turn_at: list[float] = field(default_factory=list)  # when each turn_latency was taken
     first_ack: float = 0.0
     last_ack: float = 0.0
     last_reply: float = 0.0
@@ -161,7 +163,7 @@ async def reader(conv: Conversation, res: Results, with_bot: bool, done: asyncio
             kind = frame.get("type")
             if kind == "ack":
                 cid = frame["client_id"]
-                sched = conv.scheduled.get(cid)
+                sched = conv.ack_scheduled.pop(cid, None)
                 if sched is None:
                     continue
                 res.acked += 1
@@ -176,6 +178,7 @@ async def reader(conv: Conversation, res: Results, with_bot: bool, done: asyncio
                 if conv.awaiting_reply:
                     cid = conv.awaiting_reply.pop(0)
                     res.turn_latency.append(now - conv.scheduled.pop(cid))
+                    res.turn_at.append(now)
                     res.replies += 1
                     res.last_reply = now
             elif kind == "error":
@@ -245,6 +248,7 @@ async def run_load(
         else:
             lag_max = max(lag_max, -delay)
         conv.scheduled[cid] = at
+        conv.ack_scheduled[cid] = at
         conv.frames[cid] = frame
         if with_bot:
             conv.awaiting_reply.append(cid)
@@ -367,6 +371,13 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "server_peak_rss_mib": peak_rss,
         "loadgen_cpu_s": own_cpu,
     }
+    if with_bot and res.turn_at:
+        # the slowest turn answered in each second of the run: shows stalls (checkpoints, GC…)
+        worst: dict[int, float] = {}
+        for at, latency in zip(res.turn_at, res.turn_latency, strict=True):
+            second = int(at - timing["t0"])
+            worst[second] = max(worst.get(second, 0.0), latency * 1000)
+        result["turn_max_ms_by_second"] = [round(worst.get(i, 0.0), 1) for i in range(max(worst) + 1)]
     lat = result["turn_latency_ms"]
     print(f"\n== web chat: {args.conversations:,} conversations, turn = {result['turn_measured_to']}")
     print(f"  offered                 {args.rate:>10,.1f} msgs/s for {args.duration:g} s ({res.sent:,} sent)")
@@ -387,6 +398,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         f"errors {len(res.errors):,}, closed early {res.closed:,}; connect {timing['connect_s']:.2f} s; "
         f"scheduler max lag {timing['scheduler_max_lag_ms']:.1f} ms"
     )
+    if "turn_max_ms_by_second" in result:
+        print(
+            "  slowest turn per second (ms): " + " ".join(f"{v:.0f}" for v in result["turn_max_ms_by_second"])
+        )
     if server_cpu is not None:
         print(
             f"  server CPU {server_cpu:.1f} s, peak RSS {peak_rss or 0:.0f} MiB; "

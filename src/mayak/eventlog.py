@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,28 +161,55 @@ async def reserve_seqs(db: Database, conn: AsyncConnection, count: int) -> list[
 async def insert(
     db: Database, conn: AsyncConnection, kept: Sequence[NewEvent | LoggedEvent], seqs: Sequence[int]
 ) -> None:
-    """Step two of an append: store deduplicated events under the given sequence numbers."""
+    """Step two of an append: store deduplicated events under the given sequence numbers.
+
+    While a consumer watches the transaction (``watch_appends``), it also gets every stored row.
+    """
     sql = FastSql(db.dialect)
+    rows = [
+        (
+            seq,
+            ev.id,
+            ev.workspace_id,
+            ev.type,
+            ev.name,
+            ev.customer_id,
+            ev.timestamp,
+            ev.received_at,
+            ev.source,
+            ev.actor,
+            dump_json(ev.payload),
+        )
+        for ev, seq in zip(kept, seqs, strict=True)
+    ]
     await conn.exec_driver_sql(
         "INSERT INTO events (seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
         f"actor, payload) VALUES ({sql.values(11)})",
-        [
-            (
-                seq,
-                ev.id,
-                ev.workspace_id,
-                ev.type,
-                ev.name,
-                ev.customer_id,
-                ev.timestamp,
-                ev.received_at,
-                ev.source,
-                ev.actor,
-                dump_json(ev.payload),
-            )
-            for ev, seq in zip(kept, seqs, strict=True)
-        ],
+        rows,
     )
+    sink = conn.info.get(APPEND_SINK)
+    if sink is not None:
+        sink.extend(rows)
+
+
+APPEND_SINK = "mayak.appended"  # key in a connection's info: rows appended while a consumer watches
+
+
+@contextlib.contextmanager
+def watch_appends(conn: AsyncConnection) -> Iterator[list[tuple[Any, ...]]]:
+    """Collect, as stored (``seq, id, …, payload`` text), every event this transaction appends
+    inside the block (see ``insert``)."""
+    sink: list[tuple[Any, ...]] = []
+    previous = conn.info.get(APPEND_SINK)
+    conn.info[APPEND_SINK] = sink
+    try:
+        yield sink
+    finally:
+        if previous is None:
+            conn.info.pop(APPEND_SINK, None)
+        else:  # an outer watcher sees what the inner one saw
+            conn.info[APPEND_SINK] = previous
+            previous.extend(sink)
 
 
 async def prune_dedup_keys(db: Database, window_ms: int = DEDUP_WINDOW_MS) -> int:

@@ -32,7 +32,7 @@ from mayak.bots.store import RETIRED, BotStore
 from mayak.channels.events import INBOUND_NAMES
 from mayak.channels.service import ChannelService
 from mayak.db.database import Database
-from mayak.db.fastsql import load_json
+from mayak.db.fastsql import FastSql, load_json
 from mayak.db.schema import conversations, customers, events, identities
 from mayak.delivery import timers
 from mayak.delivery.outbox import OutboxItem, enqueue
@@ -48,6 +48,20 @@ CONVERSATION_EVENTS = frozenset(
     {"conversation.operator_message", "conversation.handed_back", "conversation.handoff_requested"}
 )
 HISTORY = 30
+# conversation columns a turn rewrites (one executemany per batch, driver-level)
+_CONV_UPDATED = (
+    "customer_id",
+    "bot_id",
+    "version",
+    "status",
+    "state",
+    "channel_id",
+    "address",
+    "queue",
+    "reason",
+    "handoff_at",
+    "updated_at",
+)
 
 
 @dataclass
@@ -91,7 +105,11 @@ class BotRouter:
             return 0
         current: dict[str, CompiledBot] = {}
         for bot_id, version in published:
-            current[bot_id] = (await self.store.compiled(conn, bot_id, version))[0]
+            # A current version is never retired, so its status needs no query when it is compiled.
+            bot = self.store.cache.get(bot_id, version)
+            if bot is None:
+                bot = (await self.store.compiled(conn, bot_id, version))[0]
+            current[bot_id] = bot
         triggers = {name for bot in current.values() for name in (*bot.event_triggers, *bot.waited_events)}
         work: list[_Work] = []
         for ev in batch:
@@ -124,6 +142,8 @@ class BotRouter:
             inp = Input(
                 kind, ev.timestamp, ev.id, text=text, payload=props.get("payload"), title=props.get("title")
             )
+            if props.get("link") == "linked":
+                inp.data["linked"] = True  # a deep link just joined this chat to the customer
             return _Work(ev, inp, bot_id, channel_id=channel_id, address=str(props.get("address") or ""))
         if ev.type == "integration.result":
             return _Work(
@@ -324,6 +344,8 @@ class _Run:
         if conv.state.flow is None:
             conv.version = current.version  # the safe point: between flows
             return current
+        if conv.version == current.version:
+            return current  # the current version: active by definition
         bot, status = await self._version(conv.bot_id, conv.version)
         if status == RETIRED and conv.version != current.version:
             st = conv.state
@@ -525,33 +547,56 @@ class _Run:
     async def write(self) -> None:
         db, conn = self.router.db, self.conn
         now = now_ms()
+        changed: list[tuple[Any, ...]] = []
         for conv in self.convs.values():
             if not conv.dirty:
                 continue
-            values = {
-                "workspace_id": self.ws,
-                "customer_id": conv.customer_id,
-                "bot_id": conv.bot_id,
-                "version": conv.version,
-                "status": conv.status,
-                "state": orjson.dumps(conv.state.to_json()).decode(),
-                "channel_id": conv.channel_id,
-                "address": conv.address,
-                "queue": conv.queue,
-                "reason": conv.reason,
-                "handoff_at": conv.handoff_at,
-                "updated_at": now,
-            }
+            state = orjson.dumps(conv.state.to_json()).decode()
             if conv.new:
                 await conn.execute(
-                    conversations.insert().values(id=conv.id, created_at=conv.created_at, **values)
+                    conversations.insert().values(
+                        id=conv.id,
+                        created_at=conv.created_at,
+                        workspace_id=self.ws,
+                        customer_id=conv.customer_id,
+                        bot_id=conv.bot_id,
+                        version=conv.version,
+                        status=conv.status,
+                        state=state,
+                        channel_id=conv.channel_id,
+                        address=conv.address,
+                        queue=conv.queue,
+                        reason=conv.reason,
+                        handoff_at=conv.handoff_at,
+                        updated_at=now,
+                    )
                 )
                 conv.new = False
             else:
-                await conn.execute(
-                    conversations.update().where(conversations.c.id == conv.id).values(**values)
+                changed.append(
+                    (
+                        conv.customer_id,
+                        conv.bot_id,
+                        conv.version,
+                        conv.status,
+                        state,
+                        conv.channel_id,
+                        conv.address,
+                        conv.queue,
+                        conv.reason,
+                        conv.handoff_at,
+                        now,
+                        conv.id,
+                    )
                 )
             conv.dirty = False
+        if changed:
+            sql = FastSql(db.dialect)
+            names = _CONV_UPDATED
+            assignments = ", ".join(f"{name} = {sql.p(i + 1)}" for i, name in enumerate(names))
+            await conn.exec_driver_sql(
+                f"UPDATE conversations SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed
+            )
         for key in self.cancels:
             await timers.cancel(conn, self.ws, key)
         for key, timer, customer_id in self.timers:

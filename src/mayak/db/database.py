@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import orjson
 import sqlalchemy as sa
+import structlog
 from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
@@ -29,6 +30,8 @@ from mayak.db.schema import metadata
 from mayak.errors import StorageError
 
 T = TypeVar("T")
+log = structlog.get_logger("mayak.db")
+AFTER_COMMIT = "mayak.after_commit"  # key in a connection's info: callbacks of the open write()
 
 
 def _json_dumps(value: Any) -> str:
@@ -123,13 +126,44 @@ class Database:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
-        """A connection inside a transaction, committed on normal exit, rolled back on error."""
+        """A connection inside a transaction, committed on normal exit, rolled back on error.
+
+        Callbacks registered with ``after_commit`` run once the transaction has committed (and the
+        write lock is released); a rollback drops them.
+        """
+        callbacks: list[Callable[[], None]] = []
         if self._write_lock is not None:
             async with self._write_lock, self._begin() as conn:
-                yield conn
+                conn.info[AFTER_COMMIT] = callbacks
+                try:
+                    yield conn
+                finally:
+                    conn.info.pop(AFTER_COMMIT, None)
         else:
             async with self._begin() as conn:
-                yield conn
+                conn.info[AFTER_COMMIT] = callbacks
+                try:
+                    yield conn
+                finally:
+                    conn.info.pop(AFTER_COMMIT, None)
+        for callback in callbacks:  # reached only when the commit succeeded
+            try:
+                callback()
+            except Exception:
+                log.exception("after_commit_callback_failed")
+
+    @staticmethod
+    def after_commit(conn: AsyncConnection, callback: Callable[[], None]) -> bool:
+        """Run ``callback`` after the ``write()`` transaction of ``conn`` commits (never on rollback).
+
+        Returns False, registering nothing, when ``conn`` is not inside a ``write()`` transaction;
+        callers then must not depend on the callback.
+        """
+        callbacks = conn.info.get(AFTER_COMMIT)
+        if callbacks is None:
+            return False
+        callbacks.append(callback)
+        return True
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +44,9 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.config import Settings
-from mayak.db.database import Database
-from mayak.db.schema import outbox, outbox_attempts
+from mayak.db.database import AFTER_COMMIT, Database
+from mayak.db.fastsql import FastSql
+from mayak.db.schema import outbox
 from mayak.ids import monotonic_ids, new_ids
 from mayak.metrics import Metrics
 from mayak.timeutil import now_ms
@@ -90,10 +92,29 @@ class OutboxItem:
     not_before: int | None = None
 
 
+_COLUMNS = (
+    "id, workspace_id, customer_id, kind, target, payload, idempotency_key, status, attempts, "
+    "next_attempt_at, lease_until, last_error, created_at, updated_at"
+)
+_UPDATE_KEYS = ("b_status", "b_attempts", "b_next", "b_error", "b_now", "b_id", "b_lease")
+_CHUNK_ROWS = 500  # rows per multi-row INSERT (14 parameters each: under every placeholder limit)
+# Rivals of births: the dispatcher of this process for each database (set while it runs).
+_ADOPTERS: weakref.WeakKeyDictionary[Database, OutboxDispatcher] = weakref.WeakKeyDictionary()
+
+
 async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxItem]) -> int:
     """Insert rows inside the caller's transaction; duplicates of (workspace, key) are ignored.
 
     Returns how many rows were new. Items keep their order (their ids increase in list order).
+
+    Claimed at birth: while this process's dispatcher runs and handles the row's kind, a due row
+    whose lane has nothing older undelivered is inserted already ``in_flight`` under a lease of
+    that dispatcher and handed to it once the transaction commits (``Database.after_commit``), so
+    it goes out at once, without a claim query or a claim transaction. A rollback drops the hand-
+    over with the rows; a crash leaves them in flight until the lease expires, and they are then
+    claimed again like any other row (at least once, same row id). Only a lane's head is ever in
+    flight: the lane check runs in the caller's transaction, under the writer's lock (SQLite) or the
+    workspace's pipeline lock (PostgreSQL), which every enqueuer holds.
     """
     batch: list[OutboxItem] = []
     seen: set[tuple[str, str]] = set()
@@ -106,30 +127,108 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
         return 0
     now = now_ms()
     ids = monotonic_ids("obx", len(batch), now)
+    born = await _births(db, conn, batch, now)
+    lease = 0
+    adopter = _ADOPTERS.get(db) if born else None
+    if adopter is not None:
+        lease = now + adopter.lease_ms
     rows = [
-        {
-            "id": row_id,
-            "workspace_id": item.workspace_id,
-            "customer_id": item.customer_id,
-            "kind": item.kind,
-            "target": item.target,
-            "payload": orjson.dumps(item.payload).decode(),
-            "idempotency_key": item.idempotency_key,
-            "status": PENDING,
-            "attempts": 0,
-            "next_attempt_at": now if item.not_before is None else item.not_before,
-            "lease_until": None,
-            "last_error": None,
-            "created_at": now,
-            "updated_at": now,
-        }
-        for row_id, item in zip(ids, batch, strict=True)
+        (
+            row_id,
+            item.workspace_id,
+            item.customer_id,
+            item.kind,
+            item.target,
+            orjson.dumps(item.payload).decode(),
+            item.idempotency_key,
+            IN_FLIGHT if i in born else PENDING,
+            0,
+            now if item.not_before is None else item.not_before,
+            lease if i in born else None,
+            None,
+            now,
+            now,
+        )
+        for i, (row_id, item) in enumerate(zip(ids, batch, strict=True))
     ]
-    # executemany + RETURNING: SQLAlchemy batches it into multi-row INSERTs compiled once, and the
-    # returned ids count the new rows on both dialects (asyncpg reports no executemany rowcount).
-    stmt = db.insert(outbox).on_conflict_do_nothing().returning(outbox.c.id)
-    result = await conn.execute(stmt, rows)
-    return len(result.all())
+    sql = FastSql(db.dialect)
+    inserted: set[str] = set()
+    for start in range(0, len(rows), _CHUNK_ROWS):
+        chunk = rows[start : start + _CHUNK_ROWS]
+        width = len(chunk[0])
+        placeholders = ", ".join(f"({sql.values(width, start=1 + j * width)})" for j in range(len(chunk)))
+        # RETURNING counts the new rows on both dialects and tells which born rows really exist
+        result = await conn.exec_driver_sql(
+            f"INSERT INTO outbox ({_COLUMNS}) VALUES {placeholders} ON CONFLICT DO NOTHING RETURNING id",
+            tuple(v for row in chunk for v in row),
+        )
+        inserted.update(r[0] for r in result)
+    if adopter is not None:
+        claimed = [
+            _Claimed(
+                OutboxRow(
+                    id=row[0],
+                    workspace_id=row[1],
+                    customer_id=row[2],
+                    kind=row[3],
+                    target=row[4],
+                    payload=_payload(row[5]),
+                    idempotency_key=row[6],
+                    attempts=0,
+                    created_at=now,
+                ),
+                lease,
+            )
+            for i, row in enumerate(rows)
+            if i in born and row[0] in inserted
+        ]
+        if claimed:
+            db.after_commit(conn, lambda: adopter.adopt(claimed))
+        if len(claimed) < len(inserted):
+            db.after_commit(conn, adopter.backlog)  # rows to claim the ordinary way
+    return len(inserted)
+
+
+async def _births(db: Database, conn: AsyncConnection, batch: list[OutboxItem], now: int) -> set[int]:
+    """Indexes of the items to insert claimed (see ``enqueue``); empty when no dispatcher adopts."""
+    adopter = _ADOPTERS.get(db)
+    if adopter is None or not adopter.accepts_births() or conn.info.get(AFTER_COMMIT) is None:
+        return set()
+    kinds = adopter.kinds
+    candidates = [
+        i
+        for i, item in enumerate(batch)
+        if item.kind in kinds and (item.not_before is None or item.not_before <= now)
+    ]
+    if not candidates:
+        return set()
+    sql = FastSql(db.dialect)
+    busy: set[tuple[str, str | None, str | None]] = set()
+    by_ws: dict[str, set[str]] = {}
+    for i in candidates:
+        item = batch[i]
+        if item.customer_id is not None:
+            by_ws.setdefault(item.workspace_id, set()).add(item.customer_id)
+    for ws_id, customer_ids in by_ws.items():
+        rows: Any = await conn.exec_driver_sql(
+            f"SELECT DISTINCT customer_id, target FROM outbox WHERE status IN ('pending', 'in_flight', "
+            f"'failed') AND workspace_id = {sql.p(1)} AND customer_id {sql.in_list(2)}",
+            (ws_id, sql.list_param(sorted(customer_ids))),
+        )
+        busy.update((ws_id, customer_id, target) for customer_id, target in rows)
+    born: set[int] = set()
+    room = adopter.birth_room()
+    for i in candidates:
+        if len(born) >= room:
+            break
+        item = batch[i]
+        if item.customer_id is not None:
+            lane = (item.workspace_id, item.customer_id, item.target)
+            if lane in busy:
+                continue
+            busy.add(lane)  # the lane's later rows in this batch wait for this one
+        born.add(i)
+    return born
 
 
 # -- delivery ----------------------------------------------------------------------------------
@@ -253,9 +352,56 @@ class OutboxDispatcher:
         self._rng = random.Random()
         self._depth_refreshed = -1e9
         self._wake = asyncio.Event()
+        self.sql = FastSql(db.dialect)
+        self._born: set[asyncio.Task[None]] = set()  # deliveries of rows claimed at birth
+        self._adopting = False
+        self._backlog = True  # claimable rows may exist (cleared by a claim that finds none)
+        self.max_born = max(256, concurrency * 8)
+
+    @property
+    def kinds(self) -> frozenset[str]:
+        return frozenset(self._handlers)
+
+    def accepts_births(self) -> bool:
+        return self._adopting and bool(self._handlers)
+
+    def birth_room(self) -> int:
+        """How many more rows may be claimed at birth now (a bound on concurrent born deliveries)."""
+        return max(0, self.max_born - len(self._born)) if self._adopting else 0
+
+    def adopt(self, claimed: list[_Claimed]) -> None:
+        """Rows claimed at birth by ``enqueue`` were committed: deliver them now."""
+        if self._adopting:
+            # Started on the next loop turn: whoever waited for the commit (an ingest request
+            # awaiting its ack) is resumed first, so the ack goes out before the answer it caused.
+            asyncio.get_running_loop().call_soon(self._start_born, claimed)
+
+    def _start_born(self, claimed: list[_Claimed]) -> None:
+        if not self._adopting:
+            return  # stopping: they come back when their lease expires
+        for item in claimed:
+            task = asyncio.create_task(self._process(item, None), name="mayak-outbox-born")
+            self._born.add(task)
+            task.add_done_callback(self._born_done)
+
+    def _born_done(self, task: asyncio.Task[None]) -> None:
+        self._born.discard(task)
+        if self._backlog:
+            self._wake.set()  # the lane's next row may be claimable now
+        if not task.cancelled() and task.exception() is not None:
+            log.error("outbox_record_failed", exc_info=task.exception())
 
     def wake(self) -> None:
-        """New rows were committed: claim now instead of at the next poll."""
+        """New rows were committed: claim now instead of at the next poll.
+
+        While this dispatcher adopts births, every row enqueued in this process either went out at
+        birth or called ``backlog``, so the wake is not needed (other processes' rows are polled)."""
+        if not self._adopting:
+            self._wake.set()
+
+    def backlog(self) -> None:
+        """Rows that must be claimed were committed (not born claimed, or behind a born row)."""
+        self._backlog = True
         self._wake.set()
 
     def register(self, kind: str, handler: Handler) -> None:
@@ -272,6 +418,9 @@ class OutboxDispatcher:
         """
         if not self._handlers:
             return 0
+        born = list(self._born)
+        if born:  # deliveries of rows claimed at birth count as this round's work
+            await asyncio.gather(*born, return_exceptions=True)
         claimed = await self._claim(_clock(now), self.batch_size)
         if claimed:
             sem = asyncio.Semaphore(self.concurrency)
@@ -285,7 +434,7 @@ class OutboxDispatcher:
             if errors:
                 raise errors[0]
         await self._refresh_depth(force=not claimed)  # exact once idle, rate-limited while busy
-        return len(claimed)
+        return len(claimed) + len(born)
 
     async def run_forever(self, stop: asyncio.Event) -> None:
         """Keep up to ``concurrency`` deliveries in flight until ``stop`` is set.
@@ -306,6 +455,8 @@ class OutboxDispatcher:
         # per finished delivery would make the claim query the bottleneck.
         min_batch = max(1, self.concurrency // 4)
         last_claim = -1.0
+        _ADOPTERS[self.db] = self
+        self._adopting = True
         try:
             while not stop.is_set():
                 wake.clear()
@@ -313,9 +464,13 @@ class OutboxDispatcher:
                 since = time.monotonic() - last_claim
                 if free > 0 and (free >= min_batch or not active or since >= CLAIM_INTERVAL_S):
                     try:
+                        self._backlog = False
                         claimed = await self._claim(now_ms(), min(free, self.batch_size))
+                        if claimed:
+                            self._backlog = True  # more may be due behind them
                         await self._refresh_depth(force=False)
                     except Exception:
+                        self._backlog = True
                         log.exception("outbox_claim_failed")
                         await _wait(stop, ERROR_PAUSE_S)
                         continue
@@ -333,9 +488,13 @@ class OutboxDispatcher:
                     timeout = IDLE_POLL_S
                 await _wait(wake, timeout)
         finally:
-            for task in list(active):
+            self._adopting = False
+            if _ADOPTERS.get(self.db) is self:
+                del _ADOPTERS[self.db]
+            pending = list(active) + list(self._born)
+            for task in pending:
                 task.cancel()  # unrecorded rows come back when their lease expires
-            await asyncio.gather(*active, return_exceptions=True)
+            await asyncio.gather(*pending, return_exceptions=True)
 
     async def depth(self) -> int:
         """Rows not yet delivered nor dead (pending, in flight, or failed and waiting to retry)."""
@@ -466,25 +625,33 @@ class OutboxDispatcher:
                     "b_now": res.at,
                 }
             )
-        c = outbox.c
-        fenced = sa.and_(
-            c.id == sa.bindparam("b_id"), c.status == IN_FLIGHT, c.lease_until == sa.bindparam("b_lease")
-        )
-        stmt = (
-            outbox.update()
-            .where(fenced)
-            .values(
-                status=sa.bindparam("b_status"),
-                attempts=sa.bindparam("b_attempts"),
-                next_attempt_at=sa.bindparam("b_next"),
-                last_error=sa.bindparam("b_error"),
-                lease_until=None,
-                updated_at=sa.bindparam("b_now"),
-            )
-        )
+        sql = self.sql
         async with self.db.write() as conn:
-            await conn.execute(outbox_attempts.insert(), attempt_rows)
-            await conn.execute(stmt, updates)
+            await conn.exec_driver_sql(
+                "INSERT INTO outbox_attempts (id, outbox_id, workspace_id, attempt, at, status_code, error, "
+                f"duration_ms) VALUES ({sql.values(8)})",
+                [
+                    (
+                        a["id"],
+                        a["outbox_id"],
+                        a["workspace_id"],
+                        a["attempt"],
+                        a["at"],
+                        a["status_code"],
+                        a["error"],
+                        a["duration_ms"],
+                    )
+                    for a in attempt_rows
+                ],
+            )
+            # fenced: only the holder of the lease the row was claimed with may record its result
+            await conn.exec_driver_sql(
+                f"UPDATE outbox SET status = {sql.p(1)}, attempts = {sql.p(2)}, "
+                f"next_attempt_at = {sql.p(3)}, last_error = {sql.p(4)}, lease_until = NULL, "
+                f"updated_at = {sql.p(5)} "
+                f"WHERE id = {sql.p(6)} AND status = '{IN_FLIGHT}' AND lease_until = {sql.p(7)}",
+                [tuple(u[k] for k in _UPDATE_KEYS) for u in updates],
+            )
         for res, upd in zip(results, updates, strict=True):
             kind = res.claimed.row.kind
             if upd["b_status"] == SENT:
@@ -500,6 +667,11 @@ class OutboxDispatcher:
 
 def _clock(now: int | None) -> int:
     return now_ms() if now is None else now
+
+
+def _payload(text: str) -> dict[str, Any]:
+    payload = orjson.loads(text)
+    return payload if isinstance(payload, dict) else {"value": payload}
 
 
 def _to_row(raw: dict[str, Any]) -> OutboxRow:

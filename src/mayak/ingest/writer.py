@@ -43,6 +43,7 @@ class IngestWriter:
         self._task: asyncio.Task[None] | None = None
         # Set by the platform when profiles are processed inline (see Pipeline.process_new).
         self.pipeline: Pipeline | None = None
+        self._stored_for_lane = False  # the last group stored events for a lane to process
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -94,12 +95,20 @@ class IngestWriter:
                 position = await self.pipeline.process_new(conn, ws_id, events, seqs)
             if position is None:
                 await insert(self.db, conn, events, seqs)
+                self._stored_for_lane = True
             else:
                 advanced[ws_id] = position
         return result, advanced
 
     async def _committed(self, advanced: dict[str, int]) -> None:
-        self.notifier.notify()
+        pipeline = self.pipeline
+        # Events processed inline leave the lanes nothing to do: waking them would cost a read
+        # per workspace for nothing (other consumers poll anyway).
+        if pipeline is None or self._stored_for_lane or pipeline.lane_behind:
+            self._stored_for_lane = False  # sticky until notified: a missed wake costs a poll
+            self.notifier.notify()
+            if pipeline is not None:
+                pipeline.lane_behind = False
         if self.pipeline is not None:
             for ws_id, position in advanced.items():
                 await self.pipeline.advanced(ws_id, position)

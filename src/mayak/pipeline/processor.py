@@ -32,6 +32,16 @@ log = structlog.get_logger("mayak.pipeline")
 
 CONSUMER = "profiles"
 FOLLOW_ROUNDS = 4
+# What a bot router derives about a customer it loaded: no profile rule reads these.
+PROFILE_FREE = frozenset(
+    {
+        "message.outbound",
+        "conversation.turn",
+        "conversation.handoff",
+        "message.suppressed",
+        "message.deferred",
+    }
+)
 Router = Callable[[AsyncConnection, str, list[LoggedEvent]], Awaitable[int]]
 
 
@@ -61,6 +71,8 @@ class Pipeline:
         self._processed = 0
         self._next_analyze = 10_000
         self._deliveries_pending = False
+        # Set when inline processing left events of its own transaction for the lane.
+        self.lane_behind = False
         # Called after a commit that routed something into the outbox (set by the platform).
         self.wake_deliveries: Callable[[], None] | None = None
 
@@ -165,7 +177,9 @@ class Pipeline:
             ).all()
         )
 
-    async def _process_stored(self, conn: AsyncConnection, ws_id: str, rows: list[Any]) -> tuple[int, int]:
+    async def _process_stored(
+        self, conn: AsyncConnection, ws_id: str, rows: list[Any], *, save_cursor: bool = True
+    ) -> tuple[int, int]:
         """Process events already in the log; returns (new position, events derived)."""
         logged = [logged_from_tuple(r) for r in rows]
         batch, items = await self._resolve(conn, ws_id, logged)
@@ -173,7 +187,9 @@ class Pipeline:
         await batch.write_state()
         await batch.store_attribution(updates, dropped)
         new_position = int(rows[-1][0])
-        derived = await self._finish(conn, ws_id, batch, len(items), routed, new_position)
+        derived = await self._finish(
+            conn, ws_id, batch, len(items), routed, new_position, save_cursor=save_cursor
+        )
         return new_position, derived
 
     async def _follow(self, conn: AsyncConnection, ws_id: str, position: int) -> tuple[int, int]:
@@ -224,15 +240,55 @@ class Pipeline:
         if routed:
             await eventlog.insert(self.db, conn, routed, [ev.seq for ev in routed])
         await batch.write_state()
-        await self._finish(conn, ws_id, batch, len(items), routed, seqs[-1])
-        position, _ = await self._follow(conn, ws_id, seqs[-1])
+        with eventlog.watch_appends(conn) as appended:
+            await self._finish(conn, ws_id, batch, len(items), routed, seqs[-1], save_cursor=False)
+            position = await self._follow_appended(conn, ws_id, seqs[-1], appended)
+        await self._save_cursor(conn, ws_id, position, batch.now)
+        return position
+
+    async def _follow_appended(
+        self, conn: AsyncConnection, ws_id: str, position: int, appended: list[tuple[Any, ...]]
+    ) -> int:
+        """``_follow`` without reading back: the lane was caught up when this transaction began and
+        the workspace's appends are serialised (the single writer; on PostgreSQL the append lock this
+        transaction holds), so the log past ``position`` is exactly what this transaction appended
+        since, and ``appended`` (from ``eventlog.watch_appends``) holds it as stored, in order.
+        Rounds and their sizes are those of ``_follow``."""
+        pending: list[tuple[Any, ...]] = []
+        for _ in range(FOLLOW_ROUNDS):
+            pending.extend(row for row in appended if row[2] == ws_id and row[0] > position)
+            appended.clear()
+            if not pending:
+                break
+            rows, pending = pending[: self.batch_size], pending[self.batch_size :]
+            logged = [logged_from_tuple(r) for r in rows]
+            if all(_profile_free(ev) for ev in logged):
+                # What a bot said or did to a customer it has just loaded here: it changes no
+                # profile and is attributed already, so only the routers need to see it.
+                position = logged[-1].seq
+                await self._finish(conn, ws_id, None, len(logged), logged, position, save_cursor=False)
+            else:
+                position, _ = await self._process_stored(conn, ws_id, rows, save_cursor=False)
+        else:
+            pending.extend(row for row in appended if row[2] == ws_id and row[0] > position)
+            if pending:
+                self.lane_behind = True  # the rest is the lane's (it is woken after the commit)
         return position
 
     async def _caught_up(self, conn: AsyncConnection, ws_id: str) -> bool:
         if self.db.dialect == "postgresql" and not await self.db.try_lock_workspace(conn, ws_id, CONSUMER):
             return False  # a lane is processing this workspace right now
-        last = await eventlog.last_seq(conn, ws_id)
-        return await self._cursor(conn, ws_id) >= last
+        sql = self.sql
+        row: Any = (
+            await conn.exec_driver_sql(
+                f"SELECT (SELECT max(seq) FROM events WHERE workspace_id = {sql.p(1)}), "
+                f"(SELECT position FROM consumer_cursors WHERE consumer = {sql.p(2)} "
+                f"AND workspace_id = {sql.p(3)})",
+                (ws_id, CONSUMER, ws_id),
+            )
+        ).first()
+        last, position = (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+        return position >= last
 
     async def _resolve(
         self, conn: AsyncConnection, ws_id: str, logged: list[LoggedEvent]
@@ -251,23 +307,28 @@ class Pipeline:
         self,
         conn: AsyncConnection,
         ws_id: str,
-        batch: ProfileBatch,
+        batch: ProfileBatch | None,
         handled: int,
         routed: list[LoggedEvent],
         position: int,
+        *,
+        save_cursor: bool = True,
     ) -> int:
-        """Append what the batch derived, route its events, move the cursor; returns how many
-        events it derived."""
-        if batch.derived:
+        """Append what the batch derived, route its events, move the cursor (unless the caller
+        saves it later in the same transaction); returns how many events it derived."""
+        if batch is not None and batch.derived:
             await append(self.db, conn, batch.derived)
         for router in self.routers:
             if await router(conn, ws_id, routed):
                 self._deliveries_pending = True
-        await self._save_cursor(conn, ws_id, position, batch.now)
+        if save_cursor:
+            await self._save_cursor(conn, ws_id, position, batch.now if batch is not None else now_ms())
         self.metrics.events_processed.inc(len(routed))
         self._processed += handled
         if handled > len(routed):
             self.metrics.events_suppressed.inc(handled - len(routed))
+        if batch is None:
+            return 0
         if batch.merges:
             self.metrics.merges.inc(len(batch.merges))
         if batch.conflicts:
@@ -357,3 +418,7 @@ class Pipeline:
                 ).scalar_one()
         self.metrics.pipeline_lag.set(total)
         return int(total)
+
+
+def _profile_free(ev: LoggedEvent) -> bool:
+    return ev.type in PROFILE_FREE and ev.customer_id is not None

@@ -1,0 +1,314 @@
+"""Mechanisms of the fast bot-turn path: after-commit hooks, outbox rows claimed at birth, the
+in-memory follow of a transaction's own appends."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from mayak.config import Settings
+from mayak.db.database import Database
+from mayak.db.schema import outbox
+from mayak.delivery.outbox import (
+    IN_FLIGHT,
+    PENDING,
+    DeliveryOutcome,
+    OutboxDispatcher,
+    OutboxItem,
+    OutboxRow,
+    enqueue,
+)
+from mayak.eventlog import NewEvent, append, watch_appends
+from mayak.metrics import Metrics
+from tests.backends import backend_db
+
+__all__ = ["backend_db"]  # the fixture, imported for pytest
+
+SETTINGS = Settings(outbox_base_delay_ms=1, outbox_max_attempts=5)
+
+
+def item(key: str, customer: str | None = "cus_a", target: str | None = "ch_1", **kw: Any) -> OutboxItem:
+    return OutboxItem(
+        workspace_id="ws_1",
+        kind=kw.pop("kind", "test"),
+        payload={"key": key},
+        idempotency_key=key,
+        customer_id=customer,
+        target=target,
+        **kw,
+    )
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []  # (idempotency key, row id)
+        self.gate: asyncio.Event | None = None
+        self.fail: set[str] = set()
+
+    async def __call__(self, row: OutboxRow) -> DeliveryOutcome:
+        self.seen.append((row.idempotency_key, row.id))
+        if self.gate is not None:
+            await self.gate.wait()
+        if row.idempotency_key in self.fail:
+            self.fail.discard(row.idempotency_key)
+            return DeliveryOutcome(False, 500, "try again")
+        return DeliveryOutcome(True, 200)
+
+
+async def rows(db: Database) -> dict[str, dict[str, Any]]:
+    async with db.read() as conn:
+        result = await conn.execute(sa.select(outbox).order_by(outbox.c.id))
+        return {r.idempotency_key: dict(r._mapping) for r in result}
+
+
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.01)
+
+
+class Running:
+    """A dispatcher whose ``run_forever`` runs (so it adopts births); counts its ordinary claims."""
+
+    def __init__(self, db: Database, receiver: Receiver):
+        self.d = OutboxDispatcher(db, SETTINGS, Metrics())
+        self.d.register("test", receiver)
+        self.claims = 0
+        real = self.d._claim_heads
+
+        async def counted(now: int, limit: int) -> Any:
+            found = await real(now, limit)
+            self.claims += len(found)
+            return found
+
+        self.d._claim_heads = counted  # type: ignore[method-assign]
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> OutboxDispatcher:
+        self.task = asyncio.create_task(self.d.run_forever(self.stop))
+        await until(self._adopting)
+        return self.d
+
+    async def _adopting(self) -> bool:
+        return self.d.accepts_births()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.stop.set()
+        self.d._wake.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 5)
+
+
+# -- after-commit hooks --------------------------------------------------------------------------
+
+
+async def test_after_commit_runs_after_commit_and_never_after_rollback(backend_db: Database) -> None:
+    db = backend_db
+    calls: list[str] = []
+    async with db.write() as conn:
+        assert db.after_commit(conn, lambda: calls.append("committed"))
+        assert calls == []  # not before the commit
+    assert calls == ["committed"]
+
+    with pytest.raises(RuntimeError):
+        async with db.write() as conn:
+            db.after_commit(conn, lambda: calls.append("rolled back"))
+            raise RuntimeError("boom")
+    assert calls == ["committed"]
+
+    async with db.write() as conn:  # a later transaction on the same pooled connection: no leftovers
+        pass
+    assert calls == ["committed"]
+
+    async with db.read() as conn:  # not a write(): nothing is registered
+        assert not db.after_commit(conn, lambda: calls.append("read"))
+    assert calls == ["committed"]
+
+
+async def test_a_failing_callback_does_not_break_the_others(backend_db: Database) -> None:
+    db = backend_db
+    calls: list[int] = []
+
+    def bad() -> None:
+        raise ValueError("callback bug")
+
+    async with db.write() as conn:
+        db.after_commit(conn, bad)
+        db.after_commit(conn, lambda: calls.append(1))
+    assert calls == [1]
+
+
+# -- claimed at birth ------------------------------------------------------------------------------
+
+
+async def test_a_row_of_an_idle_lane_is_born_claimed_and_delivered_without_a_claim(
+    backend_db: Database,
+) -> None:
+    db = backend_db
+    receiver = Receiver()
+    receiver.gate = asyncio.Event()
+    running = Running(db, receiver)
+    async with running:
+        async with db.write() as conn:
+            assert await enqueue(db, conn, [item("a")]) == 1
+        row = (await rows(db))["a"]
+        assert row["status"] == IN_FLIGHT and row["lease_until"] > row["created_at"]
+        await until(lambda: _true(len(receiver.seen) == 1))
+        receiver.gate.set()
+        await until(lambda: _status(db, "a", "sent"))
+    assert running.claims == 0  # no claim query found it: it was handed over at birth
+    assert receiver.seen == [("a", row["id"])]
+    assert (await rows(db))["a"]["attempts"] == 1
+
+
+async def test_only_the_head_of_a_lane_is_born_and_order_holds(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    receiver.gate = asyncio.Event()
+    running = Running(db, receiver)
+    async with running:
+        async with db.write() as conn:
+            await enqueue(db, conn, [item("a1"), item("a2"), item("b1", customer="cus_b")])
+        first = await rows(db)
+        assert first["a1"]["status"] == IN_FLIGHT
+        assert first["a2"]["status"] == PENDING  # behind its lane's head
+        assert first["b1"]["status"] == IN_FLIGHT  # another lane
+        async with db.write() as conn:  # a later transaction: a1 is still undelivered
+            await enqueue(db, conn, [item("a3")])
+        assert (await rows(db))["a3"]["status"] == PENDING
+        await asyncio.sleep(0.05)
+        assert sorted(k for k, _ in receiver.seen) == ["a1", "b1"]  # a2 waits for a1
+        receiver.gate.set()
+        await until(lambda: _all_sent(db))
+    keys = [k for k, _ in receiver.seen if k.startswith("a")]
+    assert keys == ["a1", "a2", "a3"]
+
+
+async def test_a_failed_head_blocks_births_in_its_lane_until_it_is_delivered(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    receiver.fail.add("a1")
+    running = Running(db, receiver)
+    async with running:
+        async with db.write() as conn:
+            await enqueue(db, conn, [item("a1")])
+        await until(lambda: _status(db, "a1", "failed", "sent"))
+        async with db.write() as conn:
+            await enqueue(db, conn, [item("a2")])
+        state = await rows(db)
+        if state["a1"]["status"] == "failed":
+            assert state["a2"]["status"] == PENDING
+        await until(lambda: _all_sent(db))
+    assert [k for k, _ in receiver.seen] == ["a1", "a1", "a2"]
+
+
+async def test_a_rolled_back_birth_delivers_nothing(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    async with Running(db, receiver):
+        with pytest.raises(RuntimeError):
+            async with db.write() as conn:
+                await enqueue(db, conn, [item("a")])
+                raise RuntimeError("the pipeline's transaction fails")
+        await asyncio.sleep(0.1)
+    assert receiver.seen == []
+    assert await rows(db) == {}
+
+
+async def test_a_duplicate_is_not_born_twice(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    async with Running(db, receiver):
+        async with db.write() as conn:
+            assert await enqueue(db, conn, [item("a")]) == 1
+        await until(lambda: _all_sent(db))
+        async with db.write() as conn:  # the same cause processed again (a replay)
+            assert await enqueue(db, conn, [item("a")]) == 0
+        await asyncio.sleep(0.1)
+    assert [k for k, _ in receiver.seen] == ["a"]
+
+
+async def test_without_a_running_dispatcher_rows_are_pending(backend_db: Database) -> None:
+    db = backend_db
+    async with db.write() as conn:
+        await enqueue(db, conn, [item("a")])
+    assert (await rows(db))["a"]["status"] == PENDING
+
+
+async def test_a_crash_after_birth_redelivers_the_same_row_when_the_lease_expires(
+    backend_db: Database,
+) -> None:
+    db = backend_db
+    receiver = Receiver()
+    receiver.gate = asyncio.Event()  # the delivery hangs: the process dies before recording it
+    running = Running(db, receiver)
+    async with running:
+        async with db.write() as conn:
+            await enqueue(db, conn, [item("a"), item("a2")])
+        await until(lambda: _true(len(receiver.seen) == 1))
+    # run_forever stopped (the crash): the born row is still in flight under its lease
+    row = (await rows(db))["a"]
+    assert row["status"] == IN_FLIGHT and row["attempts"] == 0
+    later = OutboxDispatcher(db, SETTINGS, Metrics())
+    after = Receiver()
+    later.register("test", after)
+    assert await later.run_once(now=row["lease_until"] - 1) == 0  # the lease still holds
+    assert await later.run_once(now=row["lease_until"] + 1) == 1
+    assert after.seen == [("a", row["id"])]  # at least once, same row id
+    assert await later.run_once(now=row["lease_until"] + 2) == 1
+    assert [k for k, _ in after.seen] == ["a", "a2"]
+
+
+async def test_births_are_bounded(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    receiver.gate = asyncio.Event()
+    running = Running(db, receiver)
+    running.d.max_born = 2
+    async with running:
+        async with db.write() as conn:
+            await enqueue(db, conn, [item(f"k{i}", customer=f"cus_{i}") for i in range(5)])
+        state = await rows(db)
+        assert sorted(r["status"] for r in state.values()) == [IN_FLIGHT] * 2 + [PENDING] * 3
+        receiver.gate.set()
+        await until(lambda: _all_sent(db))
+
+
+# -- watching a transaction's appends ---------------------------------------------------------------
+
+
+async def test_watch_appends_sees_what_the_transaction_stored_in_order(backend_db: Database) -> None:
+    db = backend_db
+
+    def ev(key: str) -> NewEvent:
+        return NewEvent("ws_1", "track", 1, {"event": key}, name=key, source="bot", dedup_key=key)
+
+    async with db.write() as conn:
+        await append(db, conn, [ev("before")])
+        with watch_appends(conn) as outer:
+            await append(db, conn, [ev("a"), ev("b")])
+            with watch_appends(conn) as inner:
+                await append(db, conn, [ev("c"), ev("a")])  # "a" is a duplicate: not stored
+            await append(db, conn, [ev("d")])
+    assert [r[4] for r in inner] == ["c"]
+    assert [r[4] for r in outer] == ["a", "b", "c", "d"]  # the inner watcher's rows reach the outer
+    seqs = [r[0] for r in sorted(outer)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 4
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _status(db: Database, key: str, *statuses: str) -> bool:
+    row = (await rows(db)).get(key)
+    return row is not None and row["status"] in statuses
+
+
+async def _all_sent(db: Database) -> bool:
+    state = await rows(db)
+    return bool(state) and all(r["status"] == "sent" for r in state.values())
