@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from mayak.config import Settings
 from mayak.db.database import Database
+from mayak.db.fastsql import FastSql, _raw
 from mayak.db.schema import outbox
 from mayak.delivery.outbox import (
     IN_FLIGHT,
@@ -21,6 +22,7 @@ from mayak.delivery.outbox import (
     OutboxRow,
     enqueue,
 )
+from mayak.errors import StorageError
 from mayak.eventlog import NewEvent, append, watch_appends
 from mayak.metrics import Metrics
 from tests.backends import backend_db
@@ -312,3 +314,51 @@ async def _status(db: Database, key: str, *statuses: str) -> bool:
 async def _all_sent(db: Database) -> bool:
     state = await rows(db)
     return bool(state) and all(r["status"] == "sent" for r in state.values())
+
+
+# -- inline SQLite writes and driver-level statements ------------------------------------------------
+
+
+async def test_driver_level_statements_share_the_write_transaction(backend_db: Database) -> None:
+    db = backend_db
+    sql = FastSql(db.dialect)
+    insert = (
+        f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.p(1)}, {sql.p(2)}, {sql.p(3)})"
+    )
+    with pytest.raises(RuntimeError):
+        async with db.write() as conn:
+            await sql.run(conn, insert, ("ws_1", "a", 1))
+            await sql.run_many(conn, insert, [("ws_1", "b", 1), ("ws_1", "c", 1)])
+            assert len(await sql.fetch(conn, "SELECT key FROM dedup_keys")) == 3  # seen inside
+            raise RuntimeError("roll back")
+    async with db.write() as conn:
+        assert await sql.fetch(conn, "SELECT key FROM dedup_keys") == []  # rolled back
+        await sql.run(conn, insert, ("ws_1", "a", 1))
+    with pytest.raises(StorageError):
+        async with db.write() as conn:
+            with pytest.raises(sa.exc.IntegrityError):  # the same exception as through SQLAlchemy
+                await sql.run(conn, insert, ("ws_1", "a", 2))
+            await sql.run(conn, insert, ("ws_1", "a", 3))  # and write() maps it as it always did
+    async with db.read() as conn:
+        rows = await sql.fetch(conn, "SELECT key, seen_at FROM dedup_keys")
+    assert [tuple(r) for r in rows] == [("a", 1)]
+
+
+async def test_sqlite_writes_run_inline_and_reads_do_not(tmp_path: Any) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/inline.db")
+    try:
+        await db.create_all()
+        async with db.write() as conn:
+            assert _raw(conn) is not None
+            await conn.execute(sa.text("SELECT 1"))  # Core statements work on it too
+        async with db.read() as conn:
+            assert _raw(conn) is None
+        plain = Database(f"sqlite+aiosqlite:///{tmp_path}/plain.db", inline_writes=False)
+        try:
+            await plain.create_all()
+            async with plain.write() as conn:
+                assert _raw(conn) is None
+        finally:
+            await plain.dispose()
+    finally:
+        await db.dispose()

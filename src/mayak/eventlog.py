@@ -102,7 +102,8 @@ async def deduplicate(
         keys = list({k for i in idxs if (k := batch[i].dedup_key) is not None})
         seen: set[str] = set()
         if keys:
-            found = await conn.exec_driver_sql(
+            found = await sql.fetch(
+                conn,
                 f"SELECT key FROM dedup_keys WHERE workspace_id = {sql.p(1)} AND key {sql.in_list(2)} "
                 f"AND seen_at >= {sql.p(3)}",
                 (ws_id, sql.list_param(keys), cutoff),
@@ -119,7 +120,8 @@ async def deduplicate(
                 fresh_keys.append((ws_id, key, now))
             keep.append(i)
         if fresh_keys:
-            await conn.exec_driver_sql(
+            await sql.run_many(
+                conn,
                 f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.values(3)}) "
                 # a key seen before the window starts counts again from now
                 "ON CONFLICT (workspace_id, key) DO UPDATE SET seen_at = excluded.seen_at",
@@ -148,13 +150,12 @@ async def reserve_seqs(db: Database, conn: AsyncConnection, count: int) -> list[
             "SELECT nextval(pg_get_serial_sequence('events', 'seq')) FROM generate_series(1, $1)", (count,)
         )
         return sorted(int(r[0]) for r in rows)
-    row = (
-        await conn.exec_driver_sql(
-            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
-            " coalesce((SELECT max(seq) FROM events), 0))"
-        )
-    ).first()
-    start = int(row[0]) + 1 if row else 1
+    found = await FastSql(db.dialect).fetch(
+        conn,
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
+        " coalesce((SELECT max(seq) FROM events), 0))",
+    )
+    start = int(found[0][0]) + 1 if found else 1
     return list(range(start, start + count))
 
 
@@ -182,7 +183,8 @@ async def insert(
         )
         for ev, seq in zip(kept, seqs, strict=True)
     ]
-    await conn.exec_driver_sql(
+    await sql.run_many(
+        conn,
         "INSERT INTO events (seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
         f"actor, payload) VALUES ({sql.values(11)})",
         rows,

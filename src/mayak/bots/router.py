@@ -33,7 +33,7 @@ from mayak.channels.events import INBOUND_NAMES
 from mayak.channels.service import ChannelService
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql, load_json
-from mayak.db.schema import conversations, customers, events, identities
+from mayak.db.schema import conversations, events, identities
 from mayak.delivery import timers
 from mayak.delivery.outbox import OutboxItem, enqueue
 from mayak.errors import NotFound
@@ -214,51 +214,43 @@ class _Run:
         ids = sorted(set(customer_ids))
         if not ids:
             return
-        rows = await self.conn.execute(
-            sa.select(conversations).where(
-                conversations.c.workspace_id == self.ws, conversations.c.customer_id.in_(ids)
-            )
+        sql = FastSql(self.router.db.dialect)
+        rows = await sql.fetch(
+            self.conn,
+            "SELECT id, customer_id, bot_id, version, status, state, channel_id, address, queue, reason, "
+            f"handoff_at, created_at, updated_at FROM conversations WHERE workspace_id = {sql.p(1)} "
+            f"AND customer_id {sql.in_list(2)}",
+            (self.ws, sql.list_param(ids)),
         )
         for r in rows:
             conv = _Conv(
-                r.id,
-                r.customer_id,
-                r.bot_id,
-                r.version,
-                r.status,
-                State.from_json(orjson.loads(r.state)),
-                r.channel_id,
-                r.address,
-                r.queue,
-                r.reason,
-                r.handoff_at,
-                r.created_at,
-                r.updated_at,
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                State.from_json(orjson.loads(r[5])),
+                r[6],
+                r[7],
+                r[8],
+                r[9],
+                r[10],
+                r[11],
+                r[12],
             )
-            key = (r.customer_id, r.bot_id)
+            key = (conv.customer_id, conv.bot_id)
             # After a merge a customer can own two rows for one bot: the most recent one goes on.
-            if key not in self.convs or r.updated_at > self.convs[key].updated_at:
+            if key not in self.convs or conv.updated_at > self.convs[key].updated_at:
                 self.convs[key] = conv
-            self.by_id[r.id] = conv
-        rows = await self.conn.execute(
-            sa.select(
-                customers.c.id,
-                customers.c.traits,
-                customers.c.consents,
-                customers.c.preferences,
-                customers.c.context,
-                customers.c.stage,
-            ).where(customers.c.workspace_id == self.ws, customers.c.id.in_(ids))
+            self.by_id[conv.id] = conv
+        rows = await sql.fetch(
+            self.conn,
+            "SELECT id, traits, consents, preferences, context, stage FROM customers "
+            f"WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}",
+            (self.ws, sql.list_param(ids)),
         )
         for r in rows:
-            self.customers[r.id] = Customer(
-                r.id,
-                _json(r.traits),
-                _json(r.consents),
-                _json(r.preferences),
-                _json(r.context),
-                r.stage,
-            )
+            self.customers[r[0]] = Customer(r[0], _json(r[1]), _json(r[2]), _json(r[3]), _json(r[4]), r[5])
 
     async def _history(self, customer: Customer) -> None:
         rows = await self.conn.execute(
@@ -594,8 +586,8 @@ class _Run:
             sql = FastSql(db.dialect)
             names = _CONV_UPDATED
             assignments = ", ".join(f"{name} = {sql.p(i + 1)}" for i, name in enumerate(names))
-            await conn.exec_driver_sql(
-                f"UPDATE conversations SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed
+            await sql.run_many(
+                conn, f"UPDATE conversations SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed
             )
         for key in self.cancels:
             await timers.cancel(conn, self.ws, key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -56,6 +57,7 @@ class Database:
         sqlite_cache_mb: int = 16,
         sqlite_mmap_mb: int = 128,
         pool_size: int = 10,
+        inline_writes: bool = True,
     ):
         self.url = normalise_url(url)
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
@@ -122,6 +124,28 @@ class Database:
         # SQLite: one writer at a time in this process; in-memory: one connection for everything.
         self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
 
+        # Write transactions on a SQLite file run their statements inline on the event loop: they
+        # hold the single write lock anyway, a statement takes tens of microseconds, and handing
+        # each one to the driver's thread and back (four hops a statement: cursor, execute, fetch,
+        # close) cost more than the SQL itself (see docs/benchmarks.md).
+        self.write_engine: AsyncEngine = self.engine
+        if self.dialect == "sqlite" and not self.memory and inline_writes:
+            path = self.url.split("///", 1)[1].split("?")[0]
+
+            async def _inline_connect() -> Any:
+                return InlineSqlite(sqlite3.connect(path, check_same_thread=False, timeout=30))
+
+            self.write_engine = create_async_engine(
+                self.url,
+                async_creator=_inline_connect,
+                json_serializer=_json_dumps,
+                json_deserializer=orjson.loads,
+                pool_size=2,
+                max_overflow=0,
+            )
+            event.listen(self.write_engine.sync_engine, "connect", _on_connect)
+            event.listen(self.write_engine.sync_engine, "begin", _on_begin)
+
     # -- connections -------------------------------------------------------------------------
 
     @asynccontextmanager
@@ -177,7 +201,7 @@ class Database:
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         try:
-            async with self.engine.connect() as conn:
+            async with self.write_engine.connect() as conn:
                 if self.dialect == "sqlite":
                     await conn.execution_options(sqlite_immediate=True)
                 async with conn.begin():
@@ -251,6 +275,8 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self.write_engine is not self.engine:
+            await self.write_engine.dispose()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
 
@@ -258,3 +284,121 @@ class Database:
 def _lock_key(workspace_id: str, purpose: str) -> int:
     digest = hashlib.blake2b(f"{purpose}:{workspace_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+# -- inline SQLite -------------------------------------------------------------------------------
+# The surface of an aiosqlite connection that SQLAlchemy's aiosqlite dialect uses, over a plain
+# sqlite3 connection, with every call made at once on the calling (event loop) thread.
+
+
+class _InlineCursor:
+    __slots__ = ("_cur",)
+
+    def __init__(self, cur: sqlite3.Cursor):
+        self._cur = cur
+
+    async def __aenter__(self) -> _InlineCursor:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self._cur.close()
+
+    async def execute(self, sql: str, parameters: Any = None) -> _InlineCursor:
+        if parameters is None:
+            self._cur.execute(sql)
+        else:
+            self._cur.execute(sql, parameters)
+        return self
+
+    async def executemany(self, sql: str, parameters: Any) -> _InlineCursor:
+        self._cur.executemany(sql, parameters)
+        return self
+
+    async def fetchall(self) -> list[Any]:
+        return self._cur.fetchall()
+
+    async def fetchone(self) -> Any:
+        return self._cur.fetchone()
+
+    async def fetchmany(self, size: int | None = None) -> list[Any]:
+        return self._cur.fetchmany() if size is None else self._cur.fetchmany(size)
+
+    async def close(self) -> None:
+        self._cur.close()
+
+    @property
+    def description(self) -> Any:
+        return self._cur.description
+
+    @property
+    def rowcount(self) -> int:
+        return self._cur.rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        return self._cur.lastrowid
+
+    @property
+    def arraysize(self) -> int:
+        return self._cur.arraysize
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        self._cur.arraysize = value
+
+
+class _InlineTx:
+    """aiosqlite's request queue, as SQLAlchemy's isolation-level setter uses it: run at once."""
+
+    def put_nowait(self, item: tuple[asyncio.Future[Any], Callable[[], Any]]) -> None:
+        future, function = item
+        try:
+            future.set_result(function())
+        except Exception as exc:
+            future.set_exception(exc)
+
+
+class InlineSqlite:
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn: sqlite3.Connection | None = conn
+        self._tx = _InlineTx()
+
+    @property
+    def _connection(self) -> sqlite3.Connection | None:
+        return self._conn
+
+    @property
+    def isolation_level(self) -> str | None:
+        return self._live().isolation_level
+
+    @isolation_level.setter
+    def isolation_level(self, value: str | None) -> None:
+        self._live().isolation_level = value  # type: ignore[assignment]
+
+    def _live(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ValueError("Connection closed")
+        return self._conn
+
+    def cursor(self) -> _InlineCursor:
+        return _InlineCursor(self._live().cursor())
+
+    async def execute(self, sql: str, parameters: Any = None) -> _InlineCursor:
+        return await self.cursor().execute(sql, parameters)
+
+    async def commit(self) -> None:
+        self._live().commit()
+
+    async def rollback(self) -> None:
+        self._live().rollback()
+
+    async def create_function(self, *args: Any, **kwargs: Any) -> None:
+        self._live().create_function(*args, **kwargs)
+
+    async def close(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

@@ -158,7 +158,8 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
         width = len(chunk[0])
         placeholders = ", ".join(f"({sql.values(width, start=1 + j * width)})" for j in range(len(chunk)))
         # RETURNING counts the new rows on both dialects and tells which born rows really exist
-        result = await conn.exec_driver_sql(
+        result = await sql.fetch(
+            conn,
             f"INSERT INTO outbox ({_COLUMNS}) VALUES {placeholders} ON CONFLICT DO NOTHING RETURNING id",
             tuple(v for row in chunk for v in row),
         )
@@ -210,7 +211,8 @@ async def _births(db: Database, conn: AsyncConnection, batch: list[OutboxItem], 
         if item.customer_id is not None:
             by_ws.setdefault(item.workspace_id, set()).add(item.customer_id)
     for ws_id, customer_ids in by_ws.items():
-        rows: Any = await conn.exec_driver_sql(
+        rows: Any = await sql.fetch(
+            conn,
             f"SELECT DISTINCT customer_id, target FROM outbox WHERE status IN ('pending', 'in_flight', "
             f"'failed') AND workspace_id = {sql.p(1)} AND customer_id {sql.in_list(2)}",
             (ws_id, sql.list_param(sorted(customer_ids))),
@@ -627,7 +629,8 @@ class OutboxDispatcher:
             )
         sql = self.sql
         async with self.db.write() as conn:
-            await conn.exec_driver_sql(
+            await sql.run_many(
+                conn,
                 "INSERT INTO outbox_attempts (id, outbox_id, workspace_id, attempt, at, status_code, error, "
                 f"duration_ms) VALUES ({sql.values(8)})",
                 [
@@ -645,7 +648,8 @@ class OutboxDispatcher:
                 ],
             )
             # fenced: only the holder of the lease the row was claimed with may record its result
-            await conn.exec_driver_sql(
+            await sql.run_many(
+                conn,
                 f"UPDATE outbox SET status = {sql.p(1)}, attempts = {sql.p(2)}, "
                 f"next_attempt_at = {sql.p(3)}, last_error = {sql.p(4)}, lease_until = NULL, "
                 f"updated_at = {sql.p(5)} "

@@ -172,7 +172,7 @@ class ProfileBatch:
             f" AND value {sql.in_list(3)}"
         )
         for kind, values in by_kind.items():
-            result: Any = await self.conn.exec_driver_sql(query, (self.ws, kind, sql.list_param(values)))
+            result: Any = await sql.fetch(self.conn, query, (self.ws, kind, sql.list_param(values)))
             for found_value, cid in result:
                 self.idmap[(kind, found_value)] = cid
         await self._load_profiles(set(self.idmap.values()) | targets)
@@ -181,7 +181,8 @@ class ProfileBatch:
     async def _apply_suppressions(self, items: list[_Item], keys: set[Key]) -> None:
         hashes = {key: suppression_hash(self.ws, key) for key in keys}
         sql = self.sql
-        rows = await self.conn.exec_driver_sql(
+        rows = await sql.fetch(
+            self.conn,
             f"SELECT hash FROM suppressions WHERE workspace_id = {sql.p(1)} AND hash {sql.in_list(2)}",
             (self.ws, sql.list_param(list(set(hashes.values())))),
         )
@@ -204,7 +205,7 @@ class ProfileBatch:
         )
         pending = {cid for cid in ids if cid not in self.profiles}
         while pending:
-            rows = await self.conn.exec_driver_sql(query, (self.ws, sql.list_param(list(pending))))
+            rows = await sql.fetch(self.conn, query, (self.ws, sql.list_param(list(pending))))
             pending = set()
             for row in rows:
                 profile = Profile.from_tuple(row)
@@ -333,7 +334,8 @@ class ProfileBatch:
             )
         sql = self.sql
         if self.new_keys:
-            await conn.exec_driver_sql(
+            await sql.run_many(
+                conn,
                 "INSERT INTO identities (workspace_id, kind, value, customer_id, created_at) "
                 f"VALUES ({sql.values(5)})",
                 [(ws, k, v, self.find(cid), self.now) for (k, v), cid in self.new_keys.items()],
@@ -348,7 +350,8 @@ class ProfileBatch:
                 values = profile.to_tuple(self.now)
                 changed_rows.append((*values[1:], values[0]))
         if new_rows:
-            await conn.exec_driver_sql(
+            await sql.run_many(
+                conn,
                 f"INSERT INTO customers (workspace_id, {PROFILE_COLUMNS}) VALUES "
                 f"({sql.values(len(new_rows[0]), [i + 1 for i in JSON_POSITIONS])})",
                 new_rows,
@@ -359,20 +362,20 @@ class ProfileBatch:
                 f"{name} = {sql.p(i + 1)}" + ("::jsonb" if sql.pg and i + 1 in JSON_POSITIONS else "")
                 for i, name in enumerate(names)
             )
-            await conn.exec_driver_sql(
-                f"UPDATE customers SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed_rows
+            await sql.run_many(
+                conn, f"UPDATE customers SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed_rows
             )
 
     async def store_attribution(self, updates: list[tuple[str | None, int]], dropped: list[int]) -> None:
         """For events already in the log: record their customer, delete the suppressed ones."""
         sql = self.sql
         if updates:
-            await self.conn.exec_driver_sql(
-                f"UPDATE events SET customer_id = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
+            await sql.run_many(
+                self.conn, f"UPDATE events SET customer_id = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
             )
         if dropped:
-            await self.conn.exec_driver_sql(
-                f"DELETE FROM events WHERE seq = {sql.p(1)}", [(seq,) for seq in dropped]
+            await sql.run_many(
+                self.conn, f"DELETE FROM events WHERE seq = {sql.p(1)}", [(seq,) for seq in dropped]
             )
 
     def attribute(

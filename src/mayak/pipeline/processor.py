@@ -21,7 +21,7 @@ from mayak import eventlog
 from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql
-from mayak.db.schema import consumer_cursors, events, suppressions, workspaces
+from mayak.db.schema import consumer_cursors, events, workspaces
 from mayak.eventlog import LoggedEvent, LogNotifier, NewEvent, append
 from mayak.metrics import Metrics
 from mayak.pipeline.batch import EVENT_COLUMNS, ProfileBatch, logged_from_tuple
@@ -167,14 +167,11 @@ class Pipeline:
 
     async def _read_after(self, conn: AsyncConnection, ws_id: str, position: int) -> list[Any]:
         sql = self.sql
-        return list(
-            (
-                await conn.exec_driver_sql(
-                    f"SELECT {EVENT_COLUMNS} FROM events "
-                    f"WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} ORDER BY seq LIMIT {sql.p(3)}",
-                    (ws_id, position, self.batch_size),
-                )
-            ).all()
+        return await sql.fetch(
+            conn,
+            f"SELECT {EVENT_COLUMNS} FROM events "
+            f"WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} ORDER BY seq LIMIT {sql.p(3)}",
+            (ws_id, position, self.batch_size),
         )
 
     async def _process_stored(
@@ -279,26 +276,26 @@ class Pipeline:
         if self.db.dialect == "postgresql" and not await self.db.try_lock_workspace(conn, ws_id, CONSUMER):
             return False  # a lane is processing this workspace right now
         sql = self.sql
-        row: Any = (
-            await conn.exec_driver_sql(
-                f"SELECT (SELECT max(seq) FROM events WHERE workspace_id = {sql.p(1)}), "
-                f"(SELECT position FROM consumer_cursors WHERE consumer = {sql.p(2)} "
-                f"AND workspace_id = {sql.p(3)})",
-                (ws_id, CONSUMER, ws_id),
-            )
-        ).first()
-        last, position = (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
+        found = await sql.fetch(
+            conn,
+            f"SELECT (SELECT max(seq) FROM events WHERE workspace_id = {sql.p(1)}), "
+            f"(SELECT position FROM consumer_cursors WHERE consumer = {sql.p(2)} "
+            f"AND workspace_id = {sql.p(3)})",
+            (ws_id, CONSUMER, ws_id),
+        )
+        last, position = (int(found[0][0] or 0), int(found[0][1] or 0)) if found else (0, 0)
         return position >= last
 
     async def _resolve(
         self, conn: AsyncConnection, ws_id: str, logged: list[LoggedEvent]
     ) -> tuple[ProfileBatch, list[Any]]:
         batch = ProfileBatch(self.db, conn, ws_id, await self.region(ws_id), now_ms())
-        has_suppressions = (
-            await conn.execute(
-                sa.select(suppressions.c.hash).where(suppressions.c.workspace_id == ws_id).limit(1)
+        sql = self.sql
+        has_suppressions = bool(
+            await sql.fetch(
+                conn, f"SELECT 1 FROM suppressions WHERE workspace_id = {sql.p(1)} LIMIT 1", (ws_id,)
             )
-        ).first() is not None
+        )
         items = await batch.load(logged, has_suppressions)
         batch.process(items)
         return batch, items
@@ -366,23 +363,25 @@ class Pipeline:
             log.warning("analyze_failed", exc_info=True)
 
     async def _cursor(self, conn: AsyncConnection, ws_id: str) -> int:
-        row = (
-            await conn.execute(
-                sa.select(consumer_cursors.c.position).where(
-                    consumer_cursors.c.consumer == CONSUMER, consumer_cursors.c.workspace_id == ws_id
-                )
-            )
-        ).first()
-        return int(row[0]) if row else 0
+        sql = self.sql
+        found = await sql.fetch(
+            conn,
+            f"SELECT position FROM consumer_cursors WHERE consumer = {sql.p(1)} "
+            f"AND workspace_id = {sql.p(2)}",
+            (CONSUMER, ws_id),
+        )
+        return int(found[0][0]) if found else 0
 
     async def _save_cursor(self, conn: AsyncConnection, ws_id: str, position: int, now: int) -> None:
-        stmt = self.db.insert(consumer_cursors).values(
-            consumer=CONSUMER, workspace_id=ws_id, position=position, updated_at=now
+        sql = self.sql
+        await sql.run(
+            conn,
+            "INSERT INTO consumer_cursors (consumer, workspace_id, position, updated_at) "
+            f"VALUES ({sql.values(4)}) "
+            "ON CONFLICT (consumer, workspace_id) DO UPDATE SET position = excluded.position, "
+            "updated_at = excluded.updated_at",
+            (CONSUMER, ws_id, position, now),
         )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["consumer", "workspace_id"], set_={"position": position, "updated_at": now}
-        )
-        await conn.execute(stmt)
 
     async def region(self, ws_id: str) -> str:
         """The workspace's default phone region."""
