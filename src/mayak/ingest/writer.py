@@ -123,12 +123,14 @@ class IngestWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                group: list[tuple[Sequence[NewEvent], asyncio.Future[AppendResult]]] = []
-                size = 0
-                while self._queue and size < MAX_GROUP_EVENTS:
-                    item = self._queue.pop(0)
-                    group.append(item)
-                    size += len(item[0])
+                taken = size = 0
+                for batch, _ in self._queue:
+                    if size >= MAX_GROUP_EVENTS:
+                        break
+                    taken += 1
+                    size += len(batch)
+                group = self._queue[:taken]
+                del self._queue[:taken]  # one slice, not a pop(0) per request: the queue can be long
                 await self._commit(group)
             self._idle.set()
 
