@@ -362,3 +362,28 @@ async def test_sqlite_writes_run_inline_and_reads_do_not(tmp_path: Any) -> None:
             await plain.dispose()
     finally:
         await db.dispose()
+
+
+async def test_a_locked_database_is_a_storage_error_on_inline_writes(tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "locked.db"
+    db = Database(f"sqlite+aiosqlite:///{path}")
+    try:
+        await db.create_all()
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("PRAGMA busy_timeout=0")
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            async with db.write_engine.connect() as conn:
+                await conn.exec_driver_sql("PRAGMA busy_timeout=50")
+            with pytest.raises(StorageError):
+                async with db.write():
+                    pass
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        async with db.write() as conn:  # and the connection is usable again
+            await conn.exec_driver_sql("SELECT 1")
+    finally:
+        await db.dispose()

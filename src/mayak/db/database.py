@@ -104,6 +104,15 @@ class Database:
                 # IMMEDIATE takes the write lock at once, so a read-then-write (dedup check, cursor,
                 # seq reservation) is never interleaved with another process writing the same file.
                 immediate = conn.get_execution_options().get("sqlite_immediate", False)
+                driver = conn.connection.driver_connection
+                if isinstance(driver, InlineSqlite) and driver._conn is not None:
+                    # inline writes: straight to sqlite3 (the full execute path costs more)
+                    statement = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+                    try:
+                        driver._conn.execute(statement)
+                    except sqlite3.Error as exc:  # "database is locked": as the general path raises it
+                        raise DBAPIError.instance(statement, (), exc, sqlite3.Error) from exc
+                    return
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
         # Point reads on a SQLite file run inline on a plain sqlite3 connection: a lookup takes tens
