@@ -56,6 +56,7 @@ from common import (
 )
 
 BOT_DIR = Path(__file__).parent / "bots" / "showroom"
+RATE_PER_S = 5.0  # the web chat's sustained per-connection limit (mayak.channels.webchat.RATE_PER_S)
 TEXTS = (
     "Hi, is the Aurora available for a test drive?",
     "What does a service cost?",
@@ -322,10 +323,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             f"turn latency measured to the {measure}",
             flush=True,
         )
-        if args.rate / args.conversations > 1.0:
+        if args.rate / args.conversations > RATE_PER_S:
             print(
-                "note: more than 1 msg/s per conversation exceeds the per-connection limit "
-                "(10 per 10 s sustained); expect rate_limited resends",
+                f"note: more than {RATE_PER_S:g} msgs/s per conversation exceeds the per-connection limit; "
+                "expect rate_limited resends",
                 flush=True,
             )
         url = f"{ws_scheme}://{host}:{port}/v1/webchat/{channel_id}/ws"

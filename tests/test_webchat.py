@@ -229,15 +229,15 @@ async def test_bad_frames_are_answered_without_closing(live: Live) -> None:
 
 
 async def test_rate_limit_answers_the_excess(live: Live) -> None:
-    assert adapter_of(live.mayak).rate_capacity == 10  # the default burst…
+    assert adapter_of(live.mayak).rate_capacity == 20  # the default burst…
     adapter_of(live.mayak).rate_per_s = 0.1  # …refilled slowly here, so a slow machine cannot refill it
     sock, _ = await live.open()
-    answers = [await say(sock, f"message {i}", f"r{i}") for i in range(12)]
-    assert [a["type"] for a in answers[:10]] == ["ack"] * 10
-    for a, cid in zip(answers[10:], ("r10", "r11"), strict=True):
+    answers = [await say(sock, f"message {i}", f"r{i}") for i in range(22)]
+    assert [a["type"] for a in answers[:20]] == ["ack"] * 20
+    for a, cid in zip(answers[20:], ("r20", "r21"), strict=True):
         assert a["type"] == "error" and a["code"] == "rate_limited" and a["client_id"] == cid
         assert 0 < a["retry_after_ms"] <= 10_000
-    assert len(await logged(live.mayak, live.ws["id"], name="Message Received")) == 10
+    assert len(await logged(live.mayak, live.ws["id"], name="Message Received")) == 20
     await sock.close()
 
 

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mayak import logs
+from mayak import logs, runtime
 from mayak.config import Settings
 from mayak.db.migrate import upgrade_async
 from mayak.errors import EventRejected, MayakError
@@ -433,6 +433,7 @@ def worker() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await mayak_obj.start(workers=True)
+        runtime.tune_for_server()
         console.print("worker running (pipeline, outbox, timers)")
         try:
             await stop.wait()
@@ -478,8 +479,10 @@ def _serve(host: str | None, port: int | None, workers: bool, extra: list[Any] |
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        ws_per_message_deflate=False,  # chat frames are small: compressing them costs more than it saves
     )
     console.print(f"serving on http://{host or settings.host}:{port or settings.port}")
+    runtime.tune_for_server()
     uvicorn.Server(config).run()
 
 

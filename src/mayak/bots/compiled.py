@@ -190,7 +190,11 @@ def compile_bot(bot_id: str, version: int, definition: dict[str, Any]) -> Compil
         else:
             examples.extend(Example(p, intent) for p in phrases)
     if examples:
-        engine = build_engine((bot.settings.get("nlu") or {}).get("engine"))
+        spec = (bot.settings.get("nlu") or {}).get("engine")
+        if spec is None or spec == "linear":
+            # The engine's own entity pass is not needed: asks extract what they validate themselves.
+            spec = {"engine": "linear", "entities": False}
+        engine = build_engine(spec)
         engine.train(examples)
         bot.nlu = engine
     return bot

@@ -15,6 +15,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from mayak import runtime
 from mayak.bots.compiled import BotCache, CompiledBot, compile_bot, definition_digest
 from mayak.bots.loader import LoadedBot, load_texts
 from mayak.db.database import Database
@@ -105,6 +106,7 @@ class BotStore:
             described = await self._describe(conn, ws_id, bot_id)
         compiled.bot_id, compiled.version = bot_id, version
         self.cache.put(compiled)
+        runtime.settle_long_lived()
         self._index.pop(ws_id, None)
         return described | {"unchanged": False}
 
@@ -225,4 +227,5 @@ class BotStore:
             ).scalar_one()
             bot = await asyncio.to_thread(compile_bot, bot_id, version, orjson.loads(text))
             self.cache.put(bot)
+            runtime.settle_long_lived()
         return bot, str(status)

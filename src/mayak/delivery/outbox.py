@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from mayak.config import Settings
 from mayak.db.database import AFTER_COMMIT, Database
 from mayak.db.fastsql import FastSql
-from mayak.db.schema import outbox
+from mayak.db.schema import UNDELIVERED_SQL, outbox
 from mayak.ids import monotonic_ids, new_ids
 from mayak.metrics import Metrics
 from mayak.timeutil import now_ms
@@ -213,8 +213,8 @@ async def _births(db: Database, conn: AsyncConnection, batch: list[OutboxItem], 
     for ws_id, customer_ids in by_ws.items():
         rows: Any = await sql.fetch(
             conn,
-            f"SELECT DISTINCT customer_id, target FROM outbox WHERE status IN ('pending', 'in_flight', "
-            f"'failed') AND workspace_id = {sql.p(1)} AND customer_id {sql.in_list(2)}",
+            f"SELECT DISTINCT customer_id, target FROM outbox WHERE {UNDELIVERED_SQL} "
+            f"AND workspace_id = {sql.p(1)} AND customer_id {sql.in_list(2)}",
             (ws_id, sql.list_param(sorted(customer_ids))),
         )
         busy.update((ws_id, customer_id, target) for customer_id, target in rows)
@@ -553,11 +553,15 @@ class OutboxDispatcher:
             sa.and_(o.c.status.in_((PENDING, FAILED)), o.c.next_attempt_at <= now),
             sa.and_(o.c.status == IN_FLIGHT, o.c.lease_until <= now),
         )
+        # Literal status list: the partial index ix_outbox_undelivered holds exactly these rows, and the
+        # planner can use it only when the query's terms match its WHERE clause.
         heads = (
             sa.select(sa.func.min(p.c.id))
-            .where(p.c.status.in_(UNDELIVERED), p.c.customer_id.is_not(None))
+            .where(sa.text("p." + UNDELIVERED_SQL), p.c.customer_id.is_not(None))
             .group_by(p.c.workspace_id, p.c.customer_id, p.c.target)
         )
+        if self.db.dialect == "sqlite":
+            heads = heads.with_hint(p, "INDEXED BY ix_outbox_undelivered", "sqlite")
         query = (
             sa.select(o)
             .where(due, o.c.kind.in_(list(self._handlers)))
