@@ -21,7 +21,7 @@ def tune_for_server() -> None:
     _server = True
     gc.collect()
     gc.freeze()
-    gc.set_threshold(GEN0_THRESHOLD, 50, 1000)
+    gc.set_threshold(GEN0_THRESHOLD, 20, 20)
 
 
 def settle_long_lived() -> None:
