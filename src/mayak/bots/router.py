@@ -171,13 +171,13 @@ class BotRouter:
                 name=ev.name,
                 data=dict(props) if isinstance(props, dict) else {},
             )
-            # Every bot that triggers on (or waits for) this event gets it.
+            # The first bot (by id) that triggers on or waits for this event gets it.
             bot_ids = [
                 b
                 for b, bot in current.items()
                 if ev.name in bot.event_triggers or ev.name in bot.waited_events
             ]
-            return _Work(ev, inp, bot_ids[0] if len(bot_ids) == 1 else (bot_ids[0] if bot_ids else None))
+            return _Work(ev, inp, bot_ids[0] if bot_ids else None)
         return None
 
     async def _bot_for_channel(
@@ -599,7 +599,7 @@ class _Run:
                 key=key,
                 kind=TIMER_KIND,
                 fire_at=int(timer["fire_at"]),
-                payload=timer["payload"] | {"conversation_id": timer["payload"].get("conversation_id")},
+                payload=timer["payload"],
                 customer_id=customer_id,
             )
         if self.outbox:
