@@ -460,3 +460,48 @@ async def test_export_holds_the_conversation_and_erase_removes_it(bot: Setup) ->
     await bot.say("hello", visitor="v1")
     r = await bot.client.get("/v1/conversations", headers=admin(bot.ws))
     assert all(c["slots"] == {} for c in r.json()["items"])
+
+
+async def test_a_national_phone_number_is_read_with_the_workspace_region(bot: Setup) -> None:
+    # The test workspace's default region is GB: a British national number is a valid answer.
+    await bot.say(payload="book_service", title="Book a service visit")
+    await bot.say("Octavia")
+    await bot.say("tomorrow")
+    await bot.say(payload="11:00", title="11:00")
+    await bot.say("07911 123456")
+    assert bot.dms.calls, bot.chat.texts()
+    assert bot.dms.calls[0]["request"]["json"]["phone"] == "+447911123456"
+
+
+SURVEY_BOT = """\
+bot:
+  name: survey
+intents:
+  hello:
+    examples: [hello there, hi survey, good day survey, greetings survey, hey survey]
+flows:
+  after_service:
+    trigger: {events: [{name: Service Completed, purpose: service}]}
+    steps:
+      - say: "How was your visit? Rate us from 1 to 5."
+"""
+
+
+async def test_every_bot_triggered_by_a_business_event_gets_it(bot: Setup) -> None:
+    r = await bot.client.post("/v1/bots", json={"files": {"bot.yaml": SURVEY_BOT}}, headers=admin(bot.ws))
+    assert r.status_code == 201, r.text
+    await bot.say("hello", user_id="u-5")
+    sent = len(bot.chat.sent)
+    r = await bot.client.post(
+        "/v1/track",
+        json={"userId": "u-5", "event": "Service Completed", "properties": {"car_model": "Kodiaq"}},
+        auth=(bot.ws["write_key"], ""),
+    )
+    assert r.status_code == 200
+    await bot.mayak.drain()
+    texts = bot.chat.texts()[sent:]
+    assert any("Kodiaq is ready" in t for t in texts), texts
+    assert any("How was your visit" in t for t in texts), texts
+    assert all(address == "v1" for address, _ in bot.chat.sent[sent:])
+    r = await bot.client.get("/v1/conversations", headers=admin(bot.ws))
+    assert len({c["bot_id"] for c in r.json()["items"]}) == 2  # one conversation per bot

@@ -113,12 +113,11 @@ class BotRouter:
         triggers = {name for bot in current.values() for name in (*bot.event_triggers, *bot.waited_events)}
         work: list[_Work] = []
         for ev in batch:
-            item = await self._work_for(ev, ws_id, current, triggers)
-            if item is not None:
-                work.append(item)
+            work.extend(await self._work_for(ev, ws_id, current, triggers))
         if not work:
             return 0
-        run = _Run(self, conn, ws_id, current)
+        region = str((await self.channels.workspaces.settings(ws_id)).get("default_region") or "US")
+        run = _Run(self, conn, ws_id, current, region)
         await run.load([w.event.customer_id for w in work if w.event.customer_id])
         for item in work:
             await run.turn(item)
@@ -127,16 +126,18 @@ class BotRouter:
 
     async def _work_for(
         self, ev: LoggedEvent, ws_id: str, current: dict[str, CompiledBot], triggers: set[str]
-    ) -> _Work | None:
+    ) -> list[_Work]:
+        """What ``ev`` asks of the bots: usually one turn, one per bot for a business event that
+        several bots trigger on or wait for."""
         if ev.customer_id is None:
-            return None
+            return []
         p = ev.payload
         if ev.type == "track" and ev.name in INBOUND_NAMES and ev.source in ("telegram", "webchat"):
             props = p.get("properties") or {}
             channel_id = str(props.get("channel_id") or "")
             bot_id = await self._bot_for_channel(ws_id, channel_id, current)
             if bot_id is None:
-                return None
+                return []
             kind = "button" if ev.name == "Button Clicked" else "message"
             text = props.get("text") if isinstance(props.get("text"), str) else None
             inp = Input(
@@ -144,16 +145,16 @@ class BotRouter:
             )
             if props.get("link") == "linked":
                 inp.data["linked"] = True  # a deep link just joined this chat to the customer
-            return _Work(ev, inp, bot_id, channel_id=channel_id, address=str(props.get("address") or ""))
+            return [_Work(ev, inp, bot_id, channel_id=channel_id, address=str(props.get("address") or ""))]
         if ev.type == "integration.result":
-            return _Work(
-                ev, Input("result", ev.received_at, ev.id, data=p), None, str(p.get("conversation_id"))
-            )
+            return [
+                _Work(ev, Input("result", ev.received_at, ev.id, data=p), None, str(p.get("conversation_id")))
+            ]
         if ev.type == "timer" and ev.name == TIMER_KIND:
             data = dict(p.get("payload") or {}) | {"key": p.get("key")}
-            return _Work(
-                ev, Input("timer", ev.received_at, ev.id, data=data), None, data.get("conversation_id")
-            )
+            return [
+                _Work(ev, Input("timer", ev.received_at, ev.id, data=data), None, data.get("conversation_id"))
+            ]
         if ev.type in CONVERSATION_EVENTS:
             kind = {
                 "conversation.operator_message": "operator",
@@ -161,24 +162,27 @@ class BotRouter:
                 "conversation.handoff_requested": "handoff",
             }[ev.type]
             inp = Input(kind, ev.received_at, ev.id, text=p.get("text"), data=p)
-            return _Work(ev, inp, None, str(p.get("conversation_id")))
+            return [_Work(ev, inp, None, str(p.get("conversation_id")))]
         if ev.type == "track" and ev.name in triggers and ev.source not in ("telegram", "webchat"):
             props = p.get("properties")
-            inp = Input(
-                "event",
-                ev.timestamp,
-                ev.id,
-                name=ev.name,
-                data=dict(props) if isinstance(props, dict) else {},
-            )
-            # The first bot (by id) that triggers on or waits for this event gets it.
-            bot_ids = [
-                b
-                for b, bot in current.items()
+            # Every bot that triggers on or waits for this event gets it, each with its own input
+            # (a turn notes the flow it starts in the input's data).
+            return [
+                _Work(
+                    ev,
+                    Input(
+                        "event",
+                        ev.timestamp,
+                        ev.id,
+                        name=ev.name,
+                        data=dict(props) if isinstance(props, dict) else {},
+                    ),
+                    bot_id,
+                )
+                for bot_id, bot in current.items()
                 if ev.name in bot.event_triggers or ev.name in bot.waited_events
             ]
-            return _Work(ev, inp, bot_ids[0] if bot_ids else None)
-        return None
+        return []
 
     async def _bot_for_channel(
         self, ws_id: str, channel_id: str, current: dict[str, CompiledBot]
@@ -196,8 +200,16 @@ class BotRouter:
 class _Run:
     """One batch's worth of turns: loads what they need, runs them, writes what they decided."""
 
-    def __init__(self, router: BotRouter, conn: AsyncConnection, ws_id: str, current: dict[str, CompiledBot]):
+    def __init__(
+        self,
+        router: BotRouter,
+        conn: AsyncConnection,
+        ws_id: str,
+        current: dict[str, CompiledBot],
+        region: str,
+    ):
         self.router = router
+        self.region = region  # the workspace's default phone region: how national numbers are read
         self.conn = conn
         self.ws = ws_id
         self.current = current
@@ -250,7 +262,9 @@ class _Run:
             (self.ws, sql.list_param(ids)),
         )
         for r in rows:
-            self.customers[r[0]] = Customer(r[0], _json(r[1]), _json(r[2]), _json(r[3]), _json(r[4]), r[5])
+            self.customers[r[0]] = Customer(
+                r[0], _json(r[1]), _json(r[2]), _json(r[3]), _json(r[4]), r[5], region=self.region
+            )
 
     async def _history(self, customer: Customer) -> None:
         rows = await self.conn.execute(
