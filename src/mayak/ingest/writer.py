@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mayak.ingest")
 
 MAX_GROUP_EVENTS = 20_000
+# Something that adds to events before they are appended, outside any transaction (e.g. asking a
+# remote NLU engine about a customer's message): it may take its time without holding the writer.
+Enricher = Callable[[Sequence[NewEvent]], Awaitable[None]]
 
 
 class IngestWriter:
@@ -44,6 +47,8 @@ class IngestWriter:
         # Set by the platform when profiles are processed inline (see Pipeline.process_new).
         self.pipeline: Pipeline | None = None
         self._stored_for_lane = False  # the last group stored events for a lane to process
+        # Asked about events from these sources only (ingestion's hot path pays one set lookup).
+        self.enrichers: list[tuple[frozenset[str], Enricher]] = []
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -61,6 +66,9 @@ class IngestWriter:
         """Append ``batch`` durably; returns once it is committed."""
         if not batch:
             return AppendResult()
+        for sources, enrich in self.enrichers:
+            if any(ev.source in sources for ev in batch):
+                await enrich(batch)
         if self._task is None:
             async with self.db.write() as conn:
                 result, advanced = await self._append(conn, batch)
