@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from mayak.bots.conversations import ConversationService
-from mayak.bots.router import BotRouter
+from mayak.bots.router import CHANNEL_SOURCES, BotRouter
 from mayak.bots.store import BotStore
 from mayak.channels import telegram, webchat
 from mayak.channels.base import MESSAGE_KIND
@@ -75,6 +75,7 @@ class Mayak:
         self.outbox.register(MESSAGE_KIND, self.channels.deliver)
         self.bots = BotStore(self.db)
         self.bot_router = BotRouter(self.db, self.bots, self.channels)
+        self.writer.enrichers.append((CHANNEL_SOURCES, self.bot_router.preunderstand))
         self.pipeline = Pipeline(
             self.db,
             self.notifier,

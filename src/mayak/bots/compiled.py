@@ -135,6 +135,11 @@ class CompiledBot:
             cond = self.conditions[text] = parse(text, roots=CONDITION_ROOTS, functions=CONDITION_FUNCTIONS)
         return cond
 
+    @property
+    def slow_nlu(self) -> bool:
+        """The NLU engine calls out (an LLM) or runs a large model: ask it before appending."""
+        return bool(getattr(self.nlu, "slow", False))
+
     def understand(self, text: str) -> Parse | None:
         if self.nlu is None or not text.strip():
             return None
@@ -155,7 +160,10 @@ class CompiledBot:
         return self.text(self.definition["texts"].get(key) or DEFAULT_TEXTS[key], language)
 
 
-def compile_bot(bot_id: str, version: int, definition: dict[str, Any]) -> CompiledBot:
+def compile_bot(
+    bot_id: str, version: int, definition: dict[str, Any], *, region: str | None = None
+) -> CompiledBot:
+    """``region``: the workspace's default phone region, the NLU engine's default for phone entities."""
     from mayak.nlu import Example, build_engine
 
     bot = CompiledBot(bot_id, version, definition)
@@ -194,7 +202,7 @@ def compile_bot(bot_id: str, version: int, definition: dict[str, Any]) -> Compil
         if spec is None or spec == "linear":
             # The engine's own entity pass is not needed: asks extract what they validate themselves.
             spec = {"engine": "linear", "entities": False}
-        engine = build_engine(spec)
+        engine = build_engine(spec, region=region)
         engine.train(examples)
         bot.nlu = engine
     return bot

@@ -258,14 +258,40 @@ class Turn:
         self._not_understood()
 
     def _understand(self, text: str) -> tuple[str, float] | None:
-        result = self.bot.understand(text)
-        if result is None or result.intent is None:
+        known = self._understood_before(text)
+        if known is not None:
+            best = known[0]
+        else:
+            result = self.bot.understand(text)
+            intent = None if result is None else result.intent
+            best = None if intent is None else (intent.name, float(intent.confidence))
+        if best is None:
             return None
-        best = result.intent
-        self.intent = {"name": best.name, "confidence": round(float(best.confidence), 4)}
-        if best.confidence < self.bot.threshold:
+        name, confidence = best
+        self.intent = {"name": name, "confidence": round(confidence, 4)}
+        if confidence < self.bot.threshold:
             return None
-        return best.name, float(best.confidence)
+        return name, confidence
+
+    def _understood_before(self, text: str) -> tuple[tuple[str, float] | None] | None:
+        """What a slow NLU engine said about this very message before it was appended (see
+        ``BotRouter.preunderstand``), when it was asked for this bot version; None when it was not."""
+        inp = self.input
+        nlu = inp.data.get("nlu") if inp is not None else None
+        if (
+            inp is None
+            or not isinstance(nlu, dict)
+            or nlu.get("bot_id") != self.bot.bot_id
+            or nlu.get("version") != self.bot.version
+            or text != (inp.text or "").strip()
+        ):
+            return None
+        intent = nlu.get("intent")
+        if isinstance(intent, dict):
+            name, confidence = intent.get("name"), intent.get("confidence")
+            if isinstance(name, str) and isinstance(confidence, int | float):
+                return ((name, float(confidence)),)
+        return (None,)
 
     def _waiting_ask(self) -> bool:
         return bool(self.state.waiting and "ask" in self.state.waiting)

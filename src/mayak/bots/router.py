@@ -16,7 +16,9 @@ input is then handled as a fresh start).
 
 from __future__ import annotations
 
+import asyncio
 import zoneinfo
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,6 +46,7 @@ from mayak.timeutil import ms_to_rfc3339, now_ms
 log = structlog.get_logger("mayak.bots")
 
 TIMER_KIND = "bot"
+CHANNEL_SOURCES = frozenset({"telegram", "webchat"})
 CONVERSATION_EVENTS = frozenset(
     {"conversation.operator_message", "conversation.handed_back", "conversation.handoff_requested"}
 )
@@ -124,6 +127,58 @@ class BotRouter:
         await run.write()
         return len(run.outbox)
 
+    async def preunderstand(self, batch: Sequence[NewEvent]) -> None:
+        """Ask a slow NLU engine (an LLM, sentence embeddings) about customers' messages before they
+        are appended, in a thread: the turn then reads the answer from the event
+        (``properties.nlu``) instead of calling out while it holds the pipeline's transaction.
+
+        Only messages to a channel whose bot's current version has a slow engine; a turn that runs
+        on another version (a conversation finishing a flow on an older one) asks its own engine.
+        A failed call leaves the message as it was (the engine's own fallback has answered by then).
+        """
+        for ev in batch:
+            if ev.type != "track" or ev.name != "Message Received" or ev.source not in CHANNEL_SOURCES:
+                continue
+            props = ev.payload.get("properties")
+            if not isinstance(props, dict):
+                continue
+            props.pop("nlu", None)  # only this method writes it
+            text = props.get("text")
+            text = text.strip() if isinstance(text, str) else ""
+            if not text or text.startswith("/"):
+                continue
+            bot = await self._current_bot(ev.workspace_id, str(props.get("channel_id") or ""))
+            if bot is None or not bot.slow_nlu:
+                continue
+            try:
+                parsed = await asyncio.to_thread(bot.understand, text)
+            except Exception as exc:  # the turn asks again; its failure takes the usual path
+                log.warning("bot_preunderstand_failed", bot=bot.bot_id, error=repr(exc))
+                continue
+            best = None if parsed is None else parsed.intent
+            props["nlu"] = {
+                "bot_id": bot.bot_id,
+                "version": bot.version,
+                "intent": None if best is None else {"name": best.name, "confidence": float(best.confidence)},
+            }
+
+    async def _current_bot(self, ws_id: str, channel_id: str) -> CompiledBot | None:
+        """The current version of the bot that answers on ``channel_id`` (outside any transaction;
+        from the caches when they have it, as they do for every message but the first few)."""
+        published = self.store.cached_bots(ws_id)
+        if published is None:
+            async with self.db.read() as conn:
+                published = await self.store.workspace_bots(conn, ws_id)
+        versions = dict(published)
+        bot_id = await self._bot_for_channel(ws_id, channel_id, versions) if versions else None
+        if bot_id is None:
+            return None
+        bot = self.store.cache.get(bot_id, versions[bot_id])
+        if bot is None:
+            async with self.db.read() as conn:
+                bot = (await self.store.compiled(conn, bot_id, versions[bot_id]))[0]
+        return bot
+
     async def _work_for(
         self, ev: LoggedEvent, ws_id: str, current: dict[str, CompiledBot], triggers: set[str]
     ) -> list[_Work]:
@@ -143,6 +198,8 @@ class BotRouter:
             inp = Input(
                 kind, ev.timestamp, ev.id, text=text, payload=props.get("payload"), title=props.get("title")
             )
+            if isinstance(props.get("nlu"), dict):
+                inp.data["nlu"] = props["nlu"]  # a slow engine's answer (see preunderstand)
             if props.get("link") == "linked":
                 inp.data["linked"] = True  # a deep link just joined this chat to the customer
             return [_Work(ev, inp, bot_id, channel_id=channel_id, address=str(props.get("address") or ""))]
@@ -184,9 +241,7 @@ class BotRouter:
             ]
         return []
 
-    async def _bot_for_channel(
-        self, ws_id: str, channel_id: str, current: dict[str, CompiledBot]
-    ) -> str | None:
+    async def _bot_for_channel(self, ws_id: str, channel_id: str, current: dict[str, Any]) -> str | None:
         if channel_id:
             try:
                 channel = await self.channels.record(ws_id, channel_id)

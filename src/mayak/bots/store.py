@@ -8,6 +8,7 @@ current version stays as it was. Publishing identical content again answers the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from mayak import runtime
 from mayak.bots.compiled import BotCache, CompiledBot, compile_bot, definition_digest
 from mayak.bots.loader import LoadedBot, load_texts
 from mayak.db.database import Database
-from mayak.db.schema import bot_versions, bots
+from mayak.db.schema import bot_versions, bots, workspaces
 from mayak.errors import Conflict, InvalidRequest, NotFound
 from mayak.ids import new_id
 from mayak.timeutil import ms_to_rfc3339, now_ms
@@ -60,8 +61,15 @@ class BotStore:
         digest = definition_digest(definition)
         name = definition["bot"]["name"]
         # Train once before storing: a bot whose NLU cannot train is refused like an invalid one.
+        async with self.db.read() as conn:
+            settings = (
+                await conn.execute(sa.select(workspaces.c.settings).where(workspaces.c.id == ws_id))
+            ).scalar()
+        region = _region(settings)
         try:
-            compiled = await asyncio.to_thread(compile_bot, "check", 0, definition)
+            compiled = await asyncio.to_thread(
+                functools.partial(compile_bot, "check", 0, definition, region=region)
+            )
         except ValueError as exc:
             raise InvalidRequest("invalid_bot", f"the bot cannot be compiled: {exc}", "$.intents") from None
         now = now_ms()
@@ -191,11 +199,16 @@ class BotStore:
 
     # -- runtime (called by the bot router inside the pipeline's transaction) ---------------------
 
+    def cached_bots(self, ws_id: str) -> BotIndex | None:
+        """``workspace_bots`` when it is in the cache (no query), else None."""
+        cached = self._index.get(ws_id)
+        return cached[1] if cached and cached[0] > time.monotonic() else None
+
     async def workspace_bots(self, conn: AsyncConnection, ws_id: str) -> BotIndex:
         """(bot id, current version) of every published bot of the workspace, cached briefly."""
-        cached = self._index.get(ws_id)
-        if cached and cached[0] > time.monotonic():
-            return cached[1]
+        cached = self.cached_bots(ws_id)
+        if cached is not None:
+            return cached
         rows = await conn.execute(
             sa.select(bots.c.id, bots.c.current_version)
             .where(bots.c.workspace_id == ws_id, bots.c.current_version.is_not(None))
@@ -218,14 +231,22 @@ class BotStore:
             raise NotFound("bot version")
         bot = self.cache.get(bot_id, version)
         if bot is None:
-            text = (
+            text, settings = (
                 await conn.execute(
-                    sa.select(bot_versions.c.definition).where(
-                        bot_versions.c.bot_id == bot_id, bot_versions.c.version == version
-                    )
+                    sa.select(bot_versions.c.definition, workspaces.c.settings)
+                    .join(workspaces, workspaces.c.id == bot_versions.c.workspace_id)
+                    .where(bot_versions.c.bot_id == bot_id, bot_versions.c.version == version)
                 )
-            ).scalar_one()
-            bot = await asyncio.to_thread(compile_bot, bot_id, version, orjson.loads(text))
+            ).one()
+            bot = await asyncio.to_thread(
+                functools.partial(compile_bot, bot_id, version, orjson.loads(text), region=_region(settings))
+            )
             self.cache.put(bot)
             runtime.settle_long_lived()
         return bot, str(status)
+
+
+def _region(settings: Any) -> str | None:
+    """The workspace's default phone region (the NLU engine's default for phone entities)."""
+    region = settings.get("default_region") if isinstance(settings, dict) else None
+    return str(region) if region else None

@@ -83,6 +83,9 @@ class Engine(Protocol):
     """An intent engine. ``train`` replaces whatever the engine learnt before."""
 
     name: str
+    # Engines whose ``parse`` may take long (a network call, a large model) say ``slow = True``; the
+    # bot router then asks them before a message is appended, never inside the pipeline's
+    # transaction. Absent means False.
 
     def train(self, examples: Sequence[Example]) -> None: ...
 

@@ -105,6 +105,7 @@ class EmbeddingEngine:
     """Sentence-embedding intent classifier (see the module); needs the ``nlu-embeddings`` extra."""
 
     name = "embeddings"
+    slow = True  # a transformer forward pass per message: asked outside the pipeline's transaction
 
     def __init__(
         self,

@@ -40,6 +40,11 @@ class EnsembleEngine:
         self.engines = list(engines)
         self.weights = [float(w) for w in weights]
 
+    @property
+    def slow(self) -> bool:
+        """Slow when any of its engines is."""
+        return any(getattr(engine, "slow", False) for engine in self.engines)
+
     def train(self, examples: Sequence[Example]) -> None:
         for engine in self.engines:
             engine.train(examples)

@@ -49,6 +49,7 @@ class LlmEngine:
     """Intent classification and slot filling by a chat-completion model (see the module)."""
 
     name = "llm"
+    slow = True  # a network call: asked outside the pipeline's transaction (see nlu.base.Engine)
 
     def __init__(
         self,
