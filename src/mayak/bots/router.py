@@ -147,6 +147,8 @@ class BotRouter:
             text = text.strip() if isinstance(text, str) else ""
             if not text or text.startswith("/"):
                 continue
+            if not self._may_be_slow(ev.workspace_id):
+                continue
             bot = await self._current_bot(ev.workspace_id, str(props.get("channel_id") or ""))
             if bot is None or not bot.slow_nlu:
                 continue
@@ -161,6 +163,18 @@ class BotRouter:
                 "version": bot.version,
                 "intent": None if best is None else {"name": best.name, "confidence": float(best.confidence)},
             }
+
+    def _may_be_slow(self, ws_id: str) -> bool:
+        """False when the caches show that none of the workspace's current versions has a slow
+        engine (the common case, decided without a query or a channel lookup)."""
+        published = self.store.cached_bots(ws_id)
+        if published is None:
+            return True
+        for bot_id, version in published:
+            bot = self.store.cache.get(bot_id, version)
+            if bot is None or bot.slow_nlu:
+                return True
+        return False
 
     async def _current_bot(self, ws_id: str, channel_id: str) -> CompiledBot | None:
         """The current version of the bot that answers on ``channel_id`` (outside any transaction;
