@@ -246,3 +246,47 @@ def test_single_parse_is_fast(engines: dict[str, LinearEngine]) -> None:
         assert isinstance(parse, Parse)
     samples.sort()
     assert samples[len(samples) // 2] < 0.002
+
+
+def test_the_word_cache_gives_the_vectors_of_whole_text_counting() -> None:
+    import math
+    from collections import Counter
+
+    import numpy as np
+
+    from mayak.nlu.linear import _Featuriser
+
+    f = _Featuriser((2, 5), (1, 2))
+    f.fit(["book a service visit", "where is my car", "car service price"])
+
+    def reference(text: str) -> tuple[list[int], list[float]]:
+        # n-grams of the whole text at once, as the featuriser did before it cached words
+        words = text.split()
+        counts: dict[int, int] = {}
+        unknown = 0.0
+        for g, n in Counter(f._char_grams(words)).items():
+            j = f.char_vocab.get(g)
+            if j is None:
+                unknown += (1.0 + math.log(n)) ** 2
+            else:
+                counts[j] = n
+        unknown_word = 0.0
+        for g, n in Counter(f._word_grams(words)).items():
+            j = f.word_vocab.get(g)
+            if j is None:
+                unknown_word += (1.0 + math.log(n)) ** 2
+            else:
+                counts[j] = n
+        w = f.unseen_idf**2
+        idx, vals = f._weigh(counts, unknown * w, unknown_word * w)
+        return idx.tolist(), vals.tolist()
+
+    # repeated words, and an unknown n-gram ("zq") in two different words
+    for text in ["car car service", "zqx zqy book", "book a service visit", "qqq", ""]:
+        for _ in range(2):  # the second time from the cache
+            idx, vals = f.vector(text)
+            ref_idx, ref_vals = reference(text)
+            order = np.argsort(idx)
+            ref_order = np.argsort(ref_idx)
+            assert np.asarray(idx)[order].tolist() == np.asarray(ref_idx)[ref_order].tolist()
+            assert np.allclose(np.asarray(vals)[order], np.asarray(ref_vals)[ref_order])

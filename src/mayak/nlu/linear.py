@@ -41,6 +41,7 @@ from .calibration import (
 from .entities import extract_entities
 
 _DIGIT = re.compile(r"\d")
+WORD_CACHE_SIZE = 20_000  # words whose character n-grams are kept (emptied when full)
 _NON_WORD = re.compile(r"[^\w\s]|_")
 
 
@@ -63,6 +64,7 @@ class _Featuriser:
         self.unseen_idf = 1.0
         self.n_char = 0
         self.n_features = 0
+        self._words: dict[str, tuple[tuple[tuple[int, int], ...], tuple[str, ...]]] = {}
 
     def _char_grams(self, words: list[str]) -> list[str]:
         lo, hi = self.char_lo, self.char_hi
@@ -91,6 +93,7 @@ class _Featuriser:
             char_df.update(chars.keys())
             word_df.update(grams.keys())
             per_text.append((chars, grams))
+        self._words.clear()  # a new vocabulary
         self.char_vocab = {g: i for i, g in enumerate(sorted(char_df))}
         self.n_char = len(self.char_vocab)
         self.word_vocab = {g: self.n_char + i for i, g in enumerate(sorted(word_df))}
@@ -117,16 +120,20 @@ class _Featuriser:
         short vector (a low score), not that n-gram at full length. This is also how held-out texts
         look to the fold models that calibrate the confidences."""
         words = text.split()
-        counts: dict[int, int] = {}
         log = math.log
-        unknown_char = 0.0
-        cv = self.char_vocab
-        for g, n in Counter(self._char_grams(words)).items():
-            j = cv.get(g)
-            if j is None:
-                unknown_char += (1.0 + log(n)) ** 2
-            else:
-                counts[j] = n
+        counts: dict[int, int] = {}
+        unknown: list[str] = []
+        cache = self._words
+        for word in words:
+            known_grams = cache.get(word)
+            if known_grams is None:
+                known_grams = self._word_grams_of(word)
+            known, unseen = known_grams
+            for j, n in known:
+                counts[j] = counts.get(j, 0) + n
+            unknown.extend(unseen)
+        # an n-gram unknown in two words counts twice, as it would over the whole text
+        unknown_char = sum((1.0 + log(n)) ** 2 for n in Counter(unknown).values()) if unknown else 0.0
         unknown_word = 0.0
         wv = self.word_vocab
         for g, n in Counter(self._word_grams(words)).items():
@@ -137,6 +144,29 @@ class _Featuriser:
                 counts[j] = n
         w = self.unseen_idf * self.unseen_idf
         return self._weigh(counts, unknown_char * w, unknown_word * w)
+
+    def _word_grams_of(self, word: str) -> tuple[tuple[tuple[int, int], ...], tuple[str, ...]]:
+        """One word's character n-grams: (feature index, count) of the known ones, and the unknown
+        ones (each occurrence). Cached: words repeat from message to message, their n-grams do not
+        change once the vocabulary is fitted."""
+        cv = self.char_vocab
+        known: list[tuple[int, int]] = []
+        unseen: list[str] = []
+        for g, n in Counter(self._char_grams([word])).items():
+            j = cv.get(g)
+            if j is None:
+                unseen.extend([g] * n)
+            else:
+                known.append((j, n))
+        entry = (tuple(known), tuple(unseen))
+        if len(self._words) >= WORD_CACHE_SIZE:
+            self._words.clear()
+        self._words[word] = entry
+        return entry
+
+    def forget_words(self) -> None:
+        """Empty the word cache (after training: it holds the calibration's gibberish)."""
+        self._words.clear()
 
     def _weigh(
         self, counts: dict[int, int], extra_char_sq: float = 0.0, extra_word_sq: float = 0.0
@@ -234,6 +264,7 @@ class LinearEngine:
         calibration = cross_validated_calibration(
             x, y, len(intents), svm_scorer(self.c, len(intents), self.seed), self.seed, noise
         )
+        featuriser.forget_words()
         weights, bias = fit_svm(x, y, len(intents), self.c, self.seed)
         self._model = _Model(featuriser, intents, np.ascontiguousarray(weights), bias, calibration, None)
 
