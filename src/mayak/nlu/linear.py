@@ -137,11 +137,11 @@ class _Featuriser:
         unknown_word = 0.0
         wv = self.word_vocab
         for g, n in Counter(self._word_grams(words)).items():
-            j = wv.get(g)
-            if j is None:
+            feature = wv.get(g)
+            if feature is None:
                 unknown_word += (1.0 + log(n)) ** 2
             else:
-                counts[j] = n
+                counts[feature] = n
         w = self.unseen_idf * self.unseen_idf
         return self._weigh(counts, unknown_char * w, unknown_word * w)
 
