@@ -178,12 +178,17 @@ async def test_start_greets_with_buttons(bot: Setup) -> None:
     assert [b.payload for b in message.buttons] == ["book_service", "car_status", "operator"]
 
 
-async def test_booking_calls_the_dms_and_records_everything(bot: Setup) -> None:
+async def book_with_phone(bot: Setup, phone: str) -> None:
+    """The booking flow of the Demo Motors bot, answered up to the phone number."""
     await bot.say(payload="book_service", title="Book a service visit")
     await bot.say("Octavia")
     await bot.say("tomorrow")
     await bot.say(payload="11:00", title="11:00")
-    await bot.say("+7 916 123 45 67")
+    await bot.say(phone)
+
+
+async def test_booking_calls_the_dms_and_records_everything(bot: Setup) -> None:
+    await book_with_phone(bot, "+7 916 123 45 67")
     assert bot.dms.calls and bot.dms.calls[0]["request"]["method"] == "POST"
     body = bot.dms.calls[0]["request"]["json"]
     assert body["car"] == "Octavia" and body["time"] == "11:00" and body["phone"] == "+79161234567"
@@ -464,11 +469,7 @@ async def test_export_holds_the_conversation_and_erase_removes_it(bot: Setup) ->
 
 async def test_a_national_phone_number_is_read_with_the_workspace_region(bot: Setup) -> None:
     # The test workspace's default region is GB: a British national number is a valid answer.
-    await bot.say(payload="book_service", title="Book a service visit")
-    await bot.say("Octavia")
-    await bot.say("tomorrow")
-    await bot.say(payload="11:00", title="11:00")
-    await bot.say("07911 123456")
+    await book_with_phone(bot, "07911 123456")
     assert bot.dms.calls, bot.chat.texts()
     assert bot.dms.calls[0]["request"]["json"]["phone"] == "+447911123456"
 

@@ -99,6 +99,11 @@ async def chat(
     return fake, await mayak.channels.record(ws["id"], created["id"])
 
 
+async def say(mayak: Mayak, channel: ChannelRecord, text: str) -> None:
+    await mayak.writer.submit([message(channel, text, "m1")])
+    await mayak.drain()
+
+
 def message(channel: ChannelRecord, text: str, key: str) -> Any:
     now = now_ms()
     return inbound_event(
@@ -110,8 +115,7 @@ async def test_the_llm_is_asked_once_before_the_append_and_the_turn_uses_its_ans
     mayak: Mayak, chat: tuple[FakeChannel, ChannelRecord], llm: Llm
 ) -> None:
     fake, channel = chat
-    await mayak.writer.submit([message(channel, "I would like to book my car in", "m1")])
-    await mayak.drain()
+    await say(mayak, channel, "I would like to book my car in")
     assert fake.texts() == ["Let us book your visit."]
     assert len(llm.calls) == 1  # not asked again inside the turn
     async with mayak.db.read() as conn:
@@ -155,8 +159,7 @@ async def test_no_intent_from_the_llm_is_an_answer_too(
     mayak: Mayak, chat: tuple[FakeChannel, ChannelRecord], llm: Llm
 ) -> None:
     fake, channel = chat
-    await mayak.writer.submit([message(channel, "what a lovely day", "m1")])
-    await mayak.drain()
+    await say(mayak, channel, "what a lovely day")
     assert len(llm.calls) == 1
     assert fake.texts() and "did not understand" in fake.texts()[-1]
 
