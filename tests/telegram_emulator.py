@@ -55,6 +55,7 @@ class Failure:
     retry_after: int | None
     times: int
     token: str | None
+    skip: int = 0  # calls to let through before failing
 
 
 @dataclass
@@ -135,11 +136,13 @@ class TelegramEmulator:
         retry_after: int | None = None,
         times: int = 1,
         bot: Bot | None = None,
+        skip: int = 0,
     ) -> None:
-        """Answer the next ``times`` calls of ``method`` with this error."""
+        """Answer the next ``times`` calls of ``method`` with this error, after letting ``skip``
+        calls through (``skip=1``: the second part of a split message fails)."""
         with self._lock:
             self._failures.append(
-                Failure(method, status, description, retry_after, times, bot.token if bot else None)
+                Failure(method, status, description, retry_after, times, bot.token if bot else None, skip)
             )
 
     def calls_to(self, method: str, bot: Bot | None = None) -> list[Call]:
@@ -180,6 +183,9 @@ class TelegramEmulator:
     def _injected(self, token: str, method: str) -> tuple[int, Any] | None:
         for failure in self._failures:
             if failure.method == method and failure.times > 0 and failure.token in (None, token):
+                if failure.skip > 0:
+                    failure.skip -= 1
+                    continue
                 failure.times -= 1
                 extra = {"retry_after": failure.retry_after} if failure.retry_after is not None else None
                 return failure.status, _fail(failure.status, failure.description, extra)

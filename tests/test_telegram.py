@@ -614,7 +614,7 @@ async def test_flood_control(
 
     tg.fail("sendMessage", 429, "Too Many Requests: retry after 40", retry_after=40)
     long = await say(mayak, ws, channel, 190, {"text": "long wait"}, "long")
-    assert await mayak.outbox.run_once() == 1  # one attempt: left to the outbox's backoff
+    assert await mayak.outbox.run_once() == 1  # one attempt: the wait is left to the outbox
     [(number, code, error)] = await attempts(mayak, long)
     assert (number, code) == (1, 429) and error is not None and "retry after 40" in error
     assert {r["id"]: r["status"] for r in await outbox_rows(mayak)}[long] == "failed"

@@ -7,7 +7,14 @@ An adapter does three things:
 * **outbound** — ``send`` delivers one channel-neutral ``OutboundMessage`` that ``fit`` has already
   cut to the adapter's ``Capabilities`` (text length, buttons, formatting);
 * **delivery status** — ``send`` answers a ``DeliveryOutcome`` that the outbox records (sent,
-  retry later, or dead).
+  retry later, or dead). A retryable failure may carry ``retry_after_ms``, the messenger's own word
+  on when to come back (Telegram's ``retry_after``); the outbox then waits at least that long.
+
+One bot message may reach the messenger as several calls (``fit`` cuts it into parts; an adapter may
+cut a part again). An adapter runs each such call through ``mayak.delivery.outbox.step``: the
+outbox row counts the calls that succeeded, and a retry skips them, so the customer does not get the
+earlier parts twice. The calls must come in the same order on every attempt (``fit`` and the
+adapter's own cut are deterministic) and the adapter must stop at the first failed call.
 
 Messages reach ``send`` only through the outbox (kind ``message``), never from a request handler,
 so a crash between a state change and its message loses neither.

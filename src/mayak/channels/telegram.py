@@ -2,7 +2,11 @@
 
 Outbound (``TelegramAdapter.send``): one ``sendMessage`` per fitted part, plain text (no
 ``parse_mode``: ``capabilities.markdown`` is False, so ``fit`` strips markdown markers), buttons as
-an inline keyboard. Telegram limits ``callback_data`` to 64 bytes, so a button payload travels:
+an inline keyboard. Each ``sendMessage`` is one outbox step (``mayak.delivery.outbox.step``): when a
+later part fails, the retry resumes at that part instead of sending the earlier ones again. A 429
+with a ``retry_after`` over 5 s is reported to the outbox (``retry_after_ms``), which comes back no
+earlier than that; a shorter one is sat out within the attempt. Telegram limits ``callback_data`` to
+64 bytes, so a button payload travels:
 
 * as itself when it is 1-64 bytes of UTF-8 and does not start with ``~``;
 * otherwise as a reference ``~<outbox row ULID>:<digest>`` (36 bytes): the message went out from
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import re
 import secrets
@@ -45,7 +50,7 @@ from mayak.channels.events import MAX_TEXT, identity_linked, inbound_event
 from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.schema import channels, outbox
-from mayak.delivery.outbox import DeliveryOutcome
+from mayak.delivery.outbox import DeliveryOutcome, step
 from mayak.errors import InvalidRequest
 from mayak.eventlog import NewEvent
 from mayak.timeutil import now_ms
@@ -257,7 +262,8 @@ class TelegramAdapter:
         self, channel: ChannelRecord, address: str, message: OutboundMessage, message_id: str
     ) -> DeliveryOutcome:
         """``sendMessage`` for one fitted message: text parts over 4096 UTF-16 units are cut once more
-        (``fit`` counts code points), the inline keyboard goes under the last part."""
+        (``fit`` counts code points), the inline keyboard goes under the last part. Each call is an
+        outbox step, so a part that an earlier attempt of the row sent is not sent again."""
         text = message.text
         keyboard: list[dict[str, Any]] = []
         for button in message.buttons:
@@ -274,7 +280,7 @@ class TelegramAdapter:
             params: dict[str, Any] = {"chat_id": chat_id, "text": part}
             if keyboard and index == len(parts) - 1:
                 params["reply_markup"] = {"inline_keyboard": _rows(keyboard)}
-            outcome = await self._send_message(channel, params)
+            outcome = await step(functools.partial(self._send_message, channel, params))
             if not outcome.ok:
                 return outcome
         return outcome
@@ -291,8 +297,8 @@ class TelegramAdapter:
             and result.retry_after is not None
             and result.retry_after <= self.max_inline_retry_after_s
         ):
-            # A short flood wait is cheaper to sit out here than to leave to the outbox's backoff,
-            # which cannot be told when to come back.
+            # A short flood wait is cheaper to sit out here than to hand back to the outbox (a
+            # recorded attempt, a claim, and the lane held all the same).
             await self.sleep(float(result.retry_after))
             result = await self.call(channel, "sendMessage", params)
         return outcome_of(result)
@@ -300,15 +306,18 @@ class TelegramAdapter:
 
 def outcome_of(result: ApiResult) -> DeliveryOutcome:
     """Telegram's answer as an outbox outcome: 429, 5xx and no answer are retried; the rest of the
-    4xx (chat not found, bot blocked, bad request, revoked token) are final."""
+    4xx (chat not found, bot blocked, bad request, revoked token) are final. A 429's
+    ``retry_after`` becomes ``retry_after_ms``: the outbox comes back no earlier than that."""
     if result.ok:
         return DeliveryOutcome(True, result.status)
     code = result.status
     if code is None:
         return DeliveryOutcome(False, None, result.description or "no answer from Telegram")
     if code == 429:
-        wait = f" (retry after {result.retry_after} s)" if result.retry_after is not None else ""
-        return DeliveryOutcome(False, code, result.description + wait)
+        if result.retry_after is None:
+            return DeliveryOutcome(False, code, result.description)
+        error = f"{result.description} (retry after {result.retry_after} s)"
+        return DeliveryOutcome(False, code, error, retry_after_ms=result.retry_after * 1000)
     return DeliveryOutcome(False, code, result.description, retryable=code >= 500)
 
 

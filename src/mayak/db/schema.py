@@ -147,6 +147,9 @@ outbox = sa.Table(
     sa.Column("last_error", sa.Text),
     sa.Column("created_at", Ms, nullable=False),
     sa.Column("updated_at", Ms, nullable=False),
+    # Steps of a multi-step delivery that earlier attempts completed (the parts of a message cut in
+    # several): a retry resumes after them (``mayak.delivery.outbox.step``).
+    sa.Column("progress", sa.Integer, nullable=False, server_default="0"),
     sa.UniqueConstraint("workspace_id", "idempotency_key", name="uq_outbox_key"),
     sa.Index("ix_outbox_due", "status", "next_attempt_at"),
     sa.Index("ix_outbox_customer", "workspace_id", "customer_id"),

@@ -25,16 +25,24 @@ newer claim.
 Delivery is at least once: a crash after the receiver answered but before the result is recorded
 redelivers the row, with the same row id (receivers deduplicate on it). Results go through a
 group-committing recorder the moment each delivery finishes, to keep that window one commit wide.
+
+A receiver may say when to come back (``DeliveryOutcome.retry_after_ms``: Telegram's
+``retry_after``); the next attempt is then due no earlier than that, or after the backoff if that is
+longer. A delivery made of several steps (a message sent as several parts) runs each step through
+``step``: the row's ``progress`` column keeps how many steps are done, so a retry resumes at the
+first step not done instead of repeating the earlier ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +77,7 @@ _ANY_DUE = (
 )
 UNDELIVERED = (PENDING, IN_FLIGHT, FAILED)
 MAX_BACKOFF_MS = 3_600_000
+MAX_RETRY_AFTER_MS = 86_400_000  # a receiver's "come back in N s" is honoured up to a day
 LEASE_MARGIN_MS = 30_000
 IDLE_POLL_S = 0.2
 CLAIM_INTERVAL_S = 0.02
@@ -96,7 +105,7 @@ _COLUMNS = (
     "id, workspace_id, customer_id, kind, target, payload, idempotency_key, status, attempts, "
     "next_attempt_at, lease_until, last_error, created_at, updated_at"
 )
-_UPDATE_KEYS = ("b_status", "b_attempts", "b_next", "b_error", "b_now", "b_id", "b_lease")
+_UPDATE_KEYS = ("b_status", "b_attempts", "b_next", "b_error", "b_progress", "b_now", "b_id", "b_lease")
 _CHUNK_ROWS = 500  # rows per multi-row INSERT (14 parameters each: under every placeholder limit)
 # Rivals of births: the dispatcher of this process for each database (set while it runs).
 _ADOPTERS: weakref.WeakKeyDictionary[Database, OutboxDispatcher] = weakref.WeakKeyDictionary()
@@ -238,7 +247,8 @@ async def _births(db: Database, conn: AsyncConnection, batch: list[OutboxItem], 
 
 @dataclass(slots=True, frozen=True)
 class OutboxRow:
-    """A claimed row as a handler sees it; ``attempts`` counts the attempts made before this one."""
+    """A claimed row as a handler sees it; ``attempts`` counts the attempts made before this one,
+    ``progress`` the steps they completed (see ``step``)."""
 
     id: str
     workspace_id: str
@@ -249,19 +259,85 @@ class OutboxRow:
     idempotency_key: str
     attempts: int
     created_at: int
+    progress: int = 0
 
 
 @dataclass(slots=True, frozen=True)
 class DeliveryOutcome:
-    """What a handler reports. ``retryable=False`` dead-letters the row at once."""
+    """What a handler reports. ``retryable=False`` dead-letters the row at once.
+
+    ``retry_after_ms``: for a retryable failure, the receiver's own word on when to come back
+    (Telegram's ``retry_after``). The next attempt is due no earlier than that many milliseconds
+    after this one (at most ``MAX_RETRY_AFTER_MS``), or after the backoff when that is longer. The
+    attempt still counts towards ``outbox_max_attempts``.
+    """
 
     ok: bool
     status_code: int | None = None
     error: str | None = None
     retryable: bool = True
+    retry_after_ms: int | None = None
 
 
 Handler = Callable[[OutboxRow], Awaitable[DeliveryOutcome]]
+
+
+class Steps:
+    """How far a delivery made of several steps got (the parts of a message cut in several).
+
+    The row's ``progress`` column counts the steps that are done. A step that an earlier attempt
+    completed is skipped, so a retry resumes at the first step not done. Steps are numbered in the
+    order they run: a handler must run the same steps in the same order on every attempt of a row
+    (a deterministic cut of the same payload), and stop at the first failed step.
+
+    Before a step starts, the steps this attempt completed so far are written to the row, fenced by
+    the lease, and committed. A step is therefore repeated only when the process died (or the write
+    failed) between the receiver's answer and that write (for the last step: the recording of the
+    result), or, as for any delivery, when a call timed out after the receiver had accepted it. A
+    one-step delivery costs no extra write. If the write finds that the row was claimed again (the
+    lease expired), the attempt stops without the step.
+    """
+
+    __slots__ = ("_active", "_next", "_save", "_saved", "done", "resume")
+
+    def __init__(self, resume: int, save: Callable[[int], Awaitable[bool]] | None = None) -> None:
+        self.resume = resume  # steps completed by earlier attempts
+        self.done = resume  # ... and by this attempt so far
+        self._next = 0  # the number of the next step
+        self._saved = resume  # what the row says
+        self._save = save
+        self._active = False
+
+    async def run(self, send: Callable[[], Awaitable[DeliveryOutcome]]) -> DeliveryOutcome:
+        if self._active:
+            return await send()  # a step inside a step is part of the outer one
+        number = self._next
+        self._next += 1
+        if number < self.resume:
+            return DeliveryOutcome(True)  # an earlier attempt did this one
+        if self.done > self._saved and self._save is not None:
+            if not await self._save(self.done):
+                return DeliveryOutcome(False, None, "the row was claimed again (lease expired); stopped")
+            self._saved = self.done
+        self._active = True
+        try:
+            outcome = await send()
+        finally:
+            self._active = False
+        if outcome.ok and number == self.done:
+            self.done += 1
+        return outcome
+
+
+_STEPS: ContextVar[Steps | None] = ContextVar("mayak_outbox_steps", default=None)
+
+
+async def step(send: Callable[[], Awaitable[DeliveryOutcome]]) -> DeliveryOutcome:
+    """Run ``send`` as the next step of the delivery in progress, unless an earlier attempt of the
+    same row did it (then answer success without calling it). Outside an outbox attempt it just
+    calls ``send``. See ``Steps`` for the rules a handler must follow."""
+    steps = _STEPS.get()
+    return await (send() if steps is None else steps.run(send))
 
 
 def backoff_ms(attempts: int, base_ms: int, rng: random.Random | None = None) -> int:
@@ -288,6 +364,7 @@ class _Result:
     outcome: DeliveryOutcome
     at: int
     duration_ms: int
+    progress: int
 
 
 class _Recorder:
@@ -583,6 +660,8 @@ class OutboxDispatcher:
         handler = self._handlers[item.row.kind]
         at = _clock(now)
         started = time.monotonic()
+        steps = Steps(item.row.progress, functools.partial(self._save_progress, item, now))
+        token = _STEPS.set(steps)
         try:
             async with asyncio.timeout(self.attempt_timeout_s):
                 outcome = await handler(item.row)
@@ -591,7 +670,23 @@ class OutboxDispatcher:
         except Exception as exc:
             log.warning("outbox_handler_error", row_id=item.row.id, kind=item.row.kind, exc_info=True)
             outcome = DeliveryOutcome(False, None, f"{type(exc).__name__}: {exc}"[:ERROR_CHARS])
-        return _Result(item, outcome, at, int((time.monotonic() - started) * 1000))
+        finally:
+            _STEPS.reset(token)
+        return _Result(item, outcome, at, int((time.monotonic() - started) * 1000), steps.done)
+
+    async def _save_progress(self, item: _Claimed, now: int | None, done: int) -> bool:
+        """Commit ``progress = done`` while the row still carries our lease; False if it does not."""
+        async with self.db.write() as conn:
+            result = await conn.execute(
+                outbox.update()
+                .where(
+                    outbox.c.id == item.row.id,
+                    outbox.c.status == IN_FLIGHT,
+                    outbox.c.lease_until == item.lease_until,
+                )
+                .values(progress=done, updated_at=_clock(now))
+            )
+        return bool(result.rowcount == 1)
 
     async def _record(self, results: list[_Result]) -> None:
         """One transaction: the attempts, then each row's new status, fenced by our lease."""
@@ -619,7 +714,10 @@ class OutboxDispatcher:
                 status, next_at = DEAD, res.at
             else:
                 status = FAILED
-                next_at = res.at + backoff_ms(number, self.settings.outbox_base_delay_ms, self._rng)
+                delay = backoff_ms(number, self.settings.outbox_base_delay_ms, self._rng)
+                if out.retry_after_ms is not None and out.retry_after_ms > 0:
+                    delay = max(delay, min(out.retry_after_ms, MAX_RETRY_AFTER_MS))  # the receiver's word
+                next_at = res.at + delay
             updates.append(
                 {
                     "b_id": row.id,
@@ -628,6 +726,7 @@ class OutboxDispatcher:
                     "b_attempts": number,
                     "b_next": next_at,
                     "b_error": error,
+                    "b_progress": res.progress,
                     "b_now": res.at,
                 }
             )
@@ -655,9 +754,9 @@ class OutboxDispatcher:
             await sql.run_many(
                 conn,
                 f"UPDATE outbox SET status = {sql.p(1)}, attempts = {sql.p(2)}, "
-                f"next_attempt_at = {sql.p(3)}, last_error = {sql.p(4)}, lease_until = NULL, "
-                f"updated_at = {sql.p(5)} "
-                f"WHERE id = {sql.p(6)} AND status = '{IN_FLIGHT}' AND lease_until = {sql.p(7)}",
+                f"next_attempt_at = {sql.p(3)}, last_error = {sql.p(4)}, progress = {sql.p(5)}, "
+                f"lease_until = NULL, updated_at = {sql.p(6)} "
+                f"WHERE id = {sql.p(7)} AND status = '{IN_FLIGHT}' AND lease_until = {sql.p(8)}",
                 [tuple(u[k] for k in _UPDATE_KEYS) for u in updates],
             )
         for res, upd in zip(results, updates, strict=True):
@@ -694,6 +793,7 @@ def _to_row(raw: dict[str, Any]) -> OutboxRow:
         idempotency_key=raw["idempotency_key"],
         attempts=int(raw["attempts"]),
         created_at=int(raw["created_at"]),
+        progress=int(raw.get("progress") or 0),
     )
 
 
