@@ -36,7 +36,7 @@ class Receiver:
 
     secrets: dict[str, str] = field(default_factory=dict)  # host -> whsec secret
     requests: list[httpx.Request] = field(default_factory=list)
-    script: list[int | Exception] = field(default_factory=list)
+    script: list[int | Exception | tuple[int, dict[str, str]]] = field(default_factory=list)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -44,7 +44,8 @@ class Receiver:
         answer = self.script.pop(0) if self.script else 200
         if isinstance(answer, Exception):
             raise answer
-        return httpx.Response(answer, text="nope" if answer >= 300 else "ok")
+        code, headers = answer if isinstance(answer, tuple) else (answer, {})
+        return httpx.Response(code, text="nope" if code >= 300 else "ok", headers=headers)
 
 
 @dataclass
@@ -301,3 +302,39 @@ async def test_list_deliveries_pages_newest_first(env: Env) -> None:
         with pytest.raises(InvalidRequest) as exc:
             await env.service.list_deliveries(env.ws, dest["id"], **kwargs)
         assert exc.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("answer", "wait_ms"),
+    [
+        ((429, {"Retry-After": "120"}), 120_000),
+        ((503, {"Retry-After": "Wed, 21 Oct 2099 07:28:00 GMT"}), 24 * 3_600_000),  # the outbox's cap
+        ((503, {"Retry-After": "soon"}), None),  # unreadable: the backoff
+        ((500, {"Retry-After": "120"}), None),  # only 429 and 503 carry it
+    ],
+)
+async def test_a_receivers_retry_after_is_honoured(
+    env: Env, answer: tuple[int, dict[str, str]], wait_ms: int | None
+) -> None:
+    await env.create()
+    env.receiver.script = [answer]
+    await env.route([event(env.ws)])
+    now = now_ms() + 10
+    assert await env.dispatcher.run_once(now) == 1
+    [row] = await deliveries(env.db)
+    assert row["status"] == "failed"
+    if wait_ms is None:
+        assert row["next_attempt_at"] < now + 60_000
+    else:
+        assert now + wait_ms <= row["next_attempt_at"] <= now + wait_ms + 1_000
+
+
+def test_retry_after_values() -> None:
+    from mayak.delivery.destinations import retry_after_ms
+
+    assert retry_after_ms("0") == 0
+    assert retry_after_ms(" 7 ") == 7000
+    assert retry_after_ms("Thu, 01 Jan 1970 00:00:10 GMT", now=0) == 10_000
+    assert retry_after_ms("Thu, 01 Jan 1970 00:00:10 GMT", now=20) == 0  # in the past: at once
+    assert retry_after_ms("-5") is None
+    assert retry_after_ms("") is None and retry_after_ms(None) is None

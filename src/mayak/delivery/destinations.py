@@ -9,6 +9,7 @@ receiver can deduplicate.
 
 from __future__ import annotations
 
+import email.utils
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -299,6 +300,7 @@ class DestinationService(OwnsHttpClient):
                 if 200 <= code < 300:
                     return DeliveryOutcome(True, code)
                 snippet = await _snippet(resp)
+                wait_ms = retry_after_ms(resp.headers.get("retry-after")) if code in (429, 503) else None
         except httpx.TimeoutException:
             return DeliveryOutcome(False, None, f"timeout after {self.settings.webhook_timeout_s:g} s")
         except httpx.HTTPError as exc:
@@ -306,7 +308,7 @@ class DestinationService(OwnsHttpClient):
         error = f"HTTP {code}" + (f": {snippet}" if snippet else "")
         if 300 <= code < 400:
             error += " (redirects are not followed)"
-        return DeliveryOutcome(False, code, error, retryable=code != 410)
+        return DeliveryOutcome(False, code, error, retryable=code != 410, retry_after_ms=wait_ms)
 
     async def _secret(self, secret_id: str) -> str:
         secret = self._secrets.get(secret_id)
@@ -408,3 +410,21 @@ def _validate_strings(values: Any, field: str, max_items: int, max_len: int) -> 
         if value not in out:
             out.append(value)
     return out
+
+
+def retry_after_ms(value: str | None, now: float | None = None) -> int | None:
+    """An HTTP ``Retry-After`` (RFC 9110: delay seconds or an HTTP date) in milliseconds from now;
+    None when absent or unreadable (the outbox's own backoff applies)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value) * 1000
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None  # an HTTP date is always GMT; anything else is not one
+    current = time.time() if now is None else now
+    return max(0, int((when.timestamp() - current) * 1000))
