@@ -99,6 +99,9 @@ async def deduplicate(
     sql = FastSql(db.dialect)
     for ws_id, idxs in by_ws.items():
         await db.lock_workspace(conn, ws_id, APPEND_LOCK)
+        if sql.pg:
+            keep.extend(await _deduplicate_pg(sql, conn, batch, ws_id, idxs, now, cutoff, result))
+            continue
         keys = list({k for i in idxs if (k := batch[i].dedup_key) is not None})
         seen: set[str] = set()
         if keys:
@@ -135,6 +138,50 @@ async def deduplicate(
         ev.payload["messageId"] = ev.payload.get("messageId") or evt_id
         ev.received_at = ev.received_at or now
     return result, kept
+
+
+async def _deduplicate_pg(
+    sql: FastSql,
+    conn: AsyncConnection,
+    batch: Sequence[NewEvent],
+    ws_id: str,
+    idxs: list[int],
+    now: int,
+    cutoff: int,
+    result: AppendResult,
+) -> list[int]:
+    """PostgreSQL: flag and remember one workspace's keys with ONE statement; returns the kept
+    positions. A key is new when it is not stored or was last seen before the window starts; the
+    upsert stores or refreshes exactly those and returns them (a key seen inside the window is
+    left as it is and not returned: a duplicate). Repeats inside the batch are settled here first
+    (an upsert may not touch a row twice)."""
+    first: dict[str, int] = {}
+    for i in idxs:
+        key = batch[i].dedup_key
+        if key is not None:
+            if key in first:
+                result.duplicate_flags[i] = True
+            else:
+                first[key] = i
+    fresh: set[str] = set()
+    if first:
+        rows = await sql.fetch(
+            conn,
+            "INSERT INTO dedup_keys (workspace_id, key, seen_at) "
+            "SELECT $1, k, $3 FROM unnest($2::text[]) AS k "
+            "ON CONFLICT (workspace_id, key) DO UPDATE SET seen_at = excluded.seen_at "
+            "WHERE dedup_keys.seen_at < $4 RETURNING key",
+            (ws_id, list(first), now, cutoff),
+        )
+        fresh = {r[0] for r in rows}
+    kept: list[int] = []
+    for i in idxs:
+        key = batch[i].dedup_key
+        if key is None or (first[key] == i and key in fresh):
+            kept.append(i)
+        else:
+            result.duplicate_flags[i] = True
+    return kept
 
 
 async def reserve_seqs(db: Database, conn: AsyncConnection, count: int) -> list[int]:
@@ -183,17 +230,20 @@ async def insert(
         )
         for ev, seq in zip(kept, seqs, strict=True)
     ]
-    await sql.run_many(
-        conn,
-        "INSERT INTO events (seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
-        f"actor, payload) VALUES ({sql.values(11)})",
-        rows,
-    )
+    if sql.pg:  # one statement over column arrays (see FastSql.run_columns)
+        await sql.run_columns(conn, f"{_INSERT_EVENTS} {sql.unnest(_EVENT_TYPES)}", rows)
+    else:
+        await sql.run_many(conn, f"{_INSERT_EVENTS} VALUES ({sql.values(11)})", rows)
     sink = conn.info.get(APPEND_SINK)
     if sink is not None:
         sink.extend(rows)
 
 
+_INSERT_EVENTS = (
+    "INSERT INTO events (seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
+    "actor, payload)"
+)
+_EVENT_TYPES = ("bigint", "text", "text", "text", "text", "text", "bigint", "bigint", "text", "text", "text")
 APPEND_SINK = "mayak.appended"  # key in a connection's info: rows appended while a consumer watches
 
 

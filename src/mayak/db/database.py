@@ -9,10 +9,12 @@ gets a connection pool and real concurrency; cross-process ordering there relies
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -243,18 +245,18 @@ class Database:
         On SQLite the process-wide write lock already serialises every writer.
         """
         if self.dialect == "postgresql":
-            await conn.execute(
-                sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _lock_key(workspace_id, purpose)}
+            await pg_call(
+                conn, "execute", "SELECT pg_advisory_xact_lock($1)", (_lock_key(workspace_id, purpose),)
             )
 
     async def try_lock_workspace(self, conn: AsyncConnection, workspace_id: str, purpose: str) -> bool:
         """Like ``lock_workspace`` but gives up at once when another transaction holds the lock."""
         if self.dialect != "postgresql":
             return True
-        result = await conn.execute(
-            sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _lock_key(workspace_id, purpose)}
+        rows = await pg_call(
+            conn, "fetch", "SELECT pg_try_advisory_xact_lock($1)", (_lock_key(workspace_id, purpose),)
         )
-        return bool(result.scalar())
+        return bool(rows[0][0])
 
     async def create_all(self) -> None:
         """Create the schema directly (tests and the memory backend); real installs use migrations."""
@@ -293,9 +295,46 @@ class Database:
             self.sync_engine.dispose()
 
 
+@lru_cache(maxsize=4096)
 def _lock_key(workspace_id: str, purpose: str) -> int:
     digest = hashlib.blake2b(f"{purpose}:{workspace_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
+
+
+# -- PostgreSQL, driver level -----------------------------------------------------------------------
+
+
+async def pg_call(conn: AsyncConnection, method: str, sql: str, params: Sequence[Any]) -> Any:
+    """Run ``sql`` with asyncpg's ``fetch`` / ``execute`` / ``executemany`` on the asyncpg connection
+    under SQLAlchemy's adapter, inside the adapter's transaction (begun here when none is, as the
+    adapter's own cursor does): SQLAlchemy's execute path (a greenlet switch, its prepared-statement
+    cache and result set-up) costs more than these statements. asyncpg caches the prepared
+    statements. Errors come out as SQLAlchemy's (``IntegrityError``, ``OperationalError``…)."""
+    sync = conn.sync_connection
+    assert sync is not None
+    adapt: Any = sync.connection.dbapi_connection
+    driver = adapt._connection
+    try:
+        async with adapt._execute_mutex:
+            if adapt._transaction is None:
+                await adapt._start_transaction()
+            if method == "executemany":
+                return await driver.executemany(sql, params)
+            return await getattr(driver, method)(sql, *params)
+    except Exception as exc:
+        closed = driver.is_closed()
+        try:
+            adapt._handle_exception(exc)  # raises the DB-API form of the error
+        except Exception as translated:
+            error = translated
+        else:  # pragma: no cover - _handle_exception always raises
+            error = exc
+        if closed:  # a dead connection must not go back to the pool
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+        raise DBAPIError.instance(
+            sql, params, error, adapt.dbapi.Error, connection_invalidated=closed
+        ) from exc
 
 
 # -- inline SQLite -------------------------------------------------------------------------------

@@ -6,6 +6,11 @@ statements once per dialect and run them with ``exec_driver_sql`` and plain tupl
 SQLite takes ``?`` and JSON arrays for list parameters (``json_each``), PostgreSQL takes ``$n``
 and native arrays (``= ANY($n)``). JSON columns are passed as text; ``load_json`` accepts either
 text (SQLite) or the decoded value (asyncpg's codec).
+
+On PostgreSQL the statements go straight to the asyncpg connection under SQLAlchemy's adapter (in
+the adapter's transaction), and many rows are written by ONE statement over column arrays
+(``INSERT … SELECT … FROM unnest($1::text[], …)``, see ``run_columns``): an ``executemany`` costs
+the server an executor start-up per row, several times the insert itself.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import orjson
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mayak.db.database import InlineSqlite
+from mayak.db.database import InlineSqlite, pg_call
 
 
 def load_json(value: Any) -> Any:
@@ -50,6 +55,16 @@ class FastSql:
     def list_param(self, values: Sequence[str]) -> Any:
         return list(values) if self.pg else dump_json(list(values))
 
+    @staticmethod
+    def unnest(types: Sequence[str], start: int = 1) -> str:
+        """PostgreSQL: a SELECT of one row per array position over column-array parameters, e.g.
+        ``SELECT u.c0, u.c1::jsonb FROM unnest($1::text[], $2::text[]) AS u(c0, c1)``. ``jsonb``
+        columns travel as text and are cast here. Run it with ``run_columns``."""
+        arrays = ", ".join(f"${start + i}::{'text' if t == 'jsonb' else t}[]" for i, t in enumerate(types))
+        names = ", ".join(f"c{i}" for i in range(len(types)))
+        cols = ", ".join(f"u.c{i}::jsonb" if t == "jsonb" else f"u.c{i}" for i, t in enumerate(types))
+        return f"SELECT {cols} FROM unnest({arrays}) AS u({names})"
+
     # -- execution -----------------------------------------------------------------------------
     # Inside a write transaction on a SQLite file the statements go straight to the sqlite3
     # connection (the transaction's own, see ``Database``'s inline writes): SQLAlchemy's async
@@ -57,7 +72,10 @@ class FastSql:
     # times the SQL of these small statements. Elsewhere they go through ``exec_driver_sql``.
 
     async def fetch(self, conn: AsyncConnection, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        """All rows of a query (tuples, or SQLAlchemy rows on the general path)."""
+        """All rows of a query (tuples; asyncpg records on PostgreSQL; SQLAlchemy rows elsewhere)."""
+        if self.pg:
+            rows: list[Any] = await pg_call(conn, "fetch", sql, params)
+            return rows
         raw = _raw(conn)
         if raw is None:
             return list((await conn.exec_driver_sql(sql, tuple(params))).all())
@@ -68,6 +86,8 @@ class FastSql:
 
     async def run(self, conn: AsyncConnection, sql: str, params: Sequence[Any] = ()) -> int:
         """A statement without rows; returns its row count."""
+        if self.pg:
+            return _pg_rowcount(await pg_call(conn, "execute", sql, params))
         raw = _raw(conn)
         if raw is None:
             return int((await conn.exec_driver_sql(sql, tuple(params))).rowcount or 0)
@@ -80,6 +100,9 @@ class FastSql:
         """One statement for many parameter rows (executemany)."""
         if not rows:
             return
+        if self.pg:
+            await pg_call(conn, "executemany", sql, rows)
+            return
         raw = _raw(conn)
         if raw is None:
             await conn.exec_driver_sql(sql, list(rows))
@@ -88,6 +111,20 @@ class FastSql:
             raw.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise _wrap(sql, rows, exc) from exc
+
+    async def run_columns(self, conn: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]) -> int:
+        """PostgreSQL: one statement for many rows, given as one array parameter per column (the
+        statement reads them with ``unnest``, see ``unnest``); returns its row count."""
+        if not rows:
+            return 0
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        return _pg_rowcount(await pg_call(conn, "execute", sql, columns))
+
+
+def _pg_rowcount(status: Any) -> int:
+    """The row count in a command tag such as ``INSERT 0 5`` or ``UPDATE 3``."""
+    tail = str(status).rsplit(" ", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _raw(conn: AsyncConnection) -> sqlite3.Connection | None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mayak.ingest")
 
 MAX_GROUP_EVENTS = 20_000
+GROUP_LINGER_S = 0.01
 # Something that adds to events before they are appended, outside any transaction (e.g. asking a
 # remote NLU engine about a customer's message): it may take its time without holding the writer.
 Enricher = Callable[[Sequence[NewEvent]], Awaitable[None]]
@@ -49,6 +50,9 @@ class IngestWriter:
         self._stored_for_lane = False  # the last group stored events for a lane to process
         # Asked about events from these sources only (ingestion's hot path pays one set lookup).
         self.enrichers: list[tuple[frozenset[str], Enricher]] = []
+        # PostgreSQL: under load, how long a group may wait to fill up (see _fill).
+        self.linger_s = GROUP_LINGER_S if db.dialect == "postgresql" else 0.0
+        self._last_group = 0  # events in the last group
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -131,6 +135,8 @@ class IngestWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                if self.linger_s:
+                    await self._fill()
                 taken = size = 0
                 for batch, _ in self._queue:
                     if size >= MAX_GROUP_EVENTS:
@@ -139,8 +145,21 @@ class IngestWriter:
                     size += len(batch)
                 group = self._queue[:taken]
                 del self._queue[:taken]  # one slice, not a pop(0) per request: the queue can be long
+                self._last_group = size
                 await self._commit(group)
             self._idle.set()
+
+    async def _fill(self) -> None:
+        """Wait a moment (at most ``linger_s``) while the queue holds less than half the last group.
+
+        Under load on PostgreSQL the groups otherwise alternate between one request (the one that
+        arrived while the previous group committed) and all the others (they arrive a moment
+        later, when their answers have gone out), and a one-request group costs nearly as much as
+        a full one. When the last group was that small anyway (light load) nothing waits."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.linger_s
+        while sum(len(batch) for batch, _ in self._queue) * 2 < self._last_group and loop.time() < deadline:
+            await asyncio.sleep(0.001)
 
     async def _commit(self, group: list[tuple[Sequence[NewEvent], asyncio.Future[AppendResult]]]) -> None:
         flat = [ev for batch, _ in group for ev in batch]

@@ -21,7 +21,13 @@ from mayak.db.schema import CUSTOMER_TABLES, customers
 from mayak.eventlog import LoggedEvent, NewEvent
 from mayak.ids import derived_id
 from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, event_keys, suppression_hash
-from mayak.pipeline.profile import JSON_POSITIONS, PROFILE_COLUMNS, Profile
+from mayak.pipeline.profile import (
+    JSON_POSITIONS,
+    PROFILE_COLUMNS,
+    PROFILE_TEXT_COLUMNS,
+    PROFILE_TYPES,
+    Profile,
+)
 
 SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
 # Sources whose Segment-shaped events are attributed by the identities they carry (the others name
@@ -200,9 +206,9 @@ class ProfileBatch:
 
     async def _load_profiles(self, ids: set[str]) -> None:
         sql = self.sql
-        query = (
-            f"SELECT {PROFILE_COLUMNS} FROM customers WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}"
-        )
+        # JSON columns come back as text on both dialects (decoded lazily, only where a rule reads them)
+        columns = PROFILE_TEXT_COLUMNS if sql.pg else PROFILE_COLUMNS
+        query = f"SELECT {columns} FROM customers WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}"
         pending = {cid for cid in ids if cid not in self.profiles}
         while pending:
             rows = await sql.fetch(self.conn, query, (self.ws, sql.list_param(list(pending))))
@@ -334,12 +340,17 @@ class ProfileBatch:
             )
         sql = self.sql
         if self.new_keys:
-            await sql.run_many(
-                conn,
-                "INSERT INTO identities (workspace_id, kind, value, customer_id, created_at) "
-                f"VALUES ({sql.values(5)})",
-                [(ws, k, v, self.find(cid), self.now) for (k, v), cid in self.new_keys.items()],
-            )
+            insert = "INSERT INTO identities (workspace_id, kind, value, customer_id, created_at)"
+            identities = [(ws, k, v, self.find(cid), self.now) for (k, v), cid in self.new_keys.items()]
+            if sql.pg:
+                await sql.run_columns(
+                    conn, f"{insert} {sql.unnest(('text', 'text', 'text', 'text', 'bigint'))}", identities
+                )
+            else:
+                await sql.run_many(conn, f"{insert} VALUES ({sql.values(5)})", identities)
+        if sql.pg:
+            await self._write_profiles_pg()
+            return
         new_rows, changed_rows = [], []
         for profile in self.profiles.values():
             if profile.merged_into and profile.id in self.parent:
@@ -365,6 +376,39 @@ class ProfileBatch:
             await sql.run_many(
                 conn, f"UPDATE customers SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed_rows
             )
+
+    async def _write_profiles_pg(self) -> None:
+        """PostgreSQL: new profiles in one INSERT over column arrays, changed ones row by row; a JSON
+        column no rule touched is sent as NULL and keeps its stored value (the server neither
+        receives nor re-parses it)."""
+        new_rows, changed_rows = [], []
+        for profile in self.profiles.values():
+            if profile.merged_into and profile.id in self.parent:
+                profile.merged_into = self.find(profile.id)
+            if profile.new:
+                new_rows.append((self.ws, *profile.to_tuple(self.now)))
+            elif profile.dirty:
+                changed_rows.append(profile.to_tuple(self.now, untouched_as_null=True))
+        sql = self.sql
+        if new_rows:
+            await sql.run_columns(
+                self.conn,
+                f"INSERT INTO customers (workspace_id, {PROFILE_COLUMNS}) "
+                f"{sql.unnest(('text', *PROFILE_TYPES))}",
+                new_rows,
+            )
+        if changed_rows:
+            # Row by row on the primary key: a join to column arrays was planned as a hash join over
+            # the whole table (and its dead row versions) for every batch.
+            names = PROFILE_COLUMNS.split(", ")
+            assignments = ", ".join(
+                f"{name} = coalesce(${i + 1}::text::jsonb, {name})"
+                if i in JSON_POSITIONS
+                else f"{name} = ${i + 1}"
+                for i, name in enumerate(names)
+                if i
+            )
+            await sql.run_many(self.conn, f"UPDATE customers SET {assignments} WHERE id = $1", changed_rows)
 
     async def store_attribution(self, updates: list[tuple[str | None, int]], dropped: list[int]) -> None:
         """For events already in the log: record their customer, delete the suppressed ones."""

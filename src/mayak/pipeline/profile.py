@@ -19,6 +19,15 @@ PROFILE_COLUMNS = (
     "first_seen, last_seen, created_at, updated_at"
 )
 JSON_POSITIONS = (3, 4, 5, 6, 7)  # 0-based positions of JSON columns in PROFILE_COLUMNS
+# PostgreSQL: the column types of PROFILE_COLUMNS (for column-array writes) and the columns with
+# JSON read as text (asyncpg would otherwise decode every JSONB value at once).
+PROFILE_TYPES = (
+    "text", "text", "boolean", "jsonb", "jsonb", "jsonb", "jsonb", "jsonb", "text", "bigint", "bigint",
+    "bigint", "bigint", "bigint",
+)  # fmt: skip
+PROFILE_TEXT_COLUMNS = ", ".join(
+    f"{name}::text" if i in JSON_POSITIONS else name for i, name in enumerate(PROFILE_COLUMNS.split(", "))
+)
 MAX_GROUPS = 50
 CONTEXT_STAMP = "_stamp"  # [event ms, seq] of the newest event whose context was applied
 Stamp = list[int]  # [event ms, seq]
@@ -250,12 +259,16 @@ class Profile:
             last_seen=row[11],
         )
 
-    def to_tuple(self, now: int) -> tuple[Any, ...]:
-        """Driver-level values in PROFILE_COLUMNS order (JSON columns as text)."""
-        texts = [
-            dump_json(value) if value is not None else _as_text(self._text[i])
-            for i, value in enumerate(self._json)
-        ]
+    def to_tuple(self, now: int, *, untouched_as_null: bool = False) -> tuple[Any, ...]:
+        """Driver-level values in PROFILE_COLUMNS order (JSON columns as text). A JSON column that no
+        rule decoded is its stored text, or None with ``untouched_as_null`` (an update keeps it)."""
+        if untouched_as_null:
+            texts = [None if value is None else dump_json(value) for value in self._json]
+        else:
+            texts = [
+                dump_json(value) if value is not None else _as_text(self._text[i])
+                for i, value in enumerate(self._json)
+            ]
         return (
             self.id,
             self.merged_into,
