@@ -230,8 +230,8 @@ async def insert(
         )
         for ev, seq in zip(kept, seqs, strict=True)
     ]
-    if sql.pg:  # one statement over column arrays (see FastSql.run_columns)
-        await sql.run_columns(conn, f"{_INSERT_EVENTS} {sql.unnest(_EVENT_TYPES)}", rows)
+    if sql.pg:  # binary COPY: the cheapest way in for the server (no executor per row)
+        await sql.copy(conn, "events", _EVENT_COLUMNS, rows)
     else:
         await sql.run_many(conn, f"{_INSERT_EVENTS} VALUES ({sql.values(11)})", rows)
     sink = conn.info.get(APPEND_SINK)
@@ -243,7 +243,10 @@ _INSERT_EVENTS = (
     "INSERT INTO events (seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
     "actor, payload)"
 )
-_EVENT_TYPES = ("bigint", "text", "text", "text", "text", "text", "bigint", "bigint", "text", "text", "text")
+_EVENT_COLUMNS = (
+    "seq", "id", "workspace_id", "type", "name", "customer_id", "timestamp", "received_at", "source",
+    "actor", "payload",
+)  # fmt: skip
 APPEND_SINK = "mayak.appended"  # key in a connection's info: rows appended while a consumer watches
 
 

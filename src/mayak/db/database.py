@@ -305,7 +305,8 @@ def _lock_key(workspace_id: str, purpose: str) -> int:
 
 
 async def pg_call(conn: AsyncConnection, method: str, sql: str, params: Sequence[Any]) -> Any:
-    """Run ``sql`` with asyncpg's ``fetch`` / ``execute`` / ``executemany`` on the asyncpg connection
+    """Run ``sql`` with asyncpg's ``fetch`` / ``execute`` / ``executemany`` / ``copy`` (binary COPY of
+    ``params = (columns, records)`` into the table named by ``sql``) on the asyncpg connection
     under SQLAlchemy's adapter, inside the adapter's transaction (begun here when none is, as the
     adapter's own cursor does): SQLAlchemy's execute path (a greenlet switch, its prepared-statement
     cache and result set-up) costs more than these statements. asyncpg caches the prepared
@@ -320,6 +321,9 @@ async def pg_call(conn: AsyncConnection, method: str, sql: str, params: Sequence
                 await adapt._start_transaction()
             if method == "executemany":
                 return await driver.executemany(sql, params)
+            if method == "copy":  # sql: the table; params: (columns, records)
+                columns, records = params
+                return await driver.copy_records_to_table(sql, records=records, columns=columns)
             return await getattr(driver, method)(sql, *params)
     except Exception as exc:
         closed = driver.is_closed()

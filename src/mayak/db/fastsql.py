@@ -8,9 +8,9 @@ and native arrays (``= ANY($n)``). JSON columns are passed as text; ``load_json`
 text (SQLite) or the decoded value (asyncpg's codec).
 
 On PostgreSQL the statements go straight to the asyncpg connection under SQLAlchemy's adapter (in
-the adapter's transaction), and many rows are written by ONE statement over column arrays
-(``INSERT … SELECT … FROM unnest($1::text[], …)``, see ``run_columns``): an ``executemany`` costs
-the server an executor start-up per row, several times the insert itself.
+the adapter's transaction), and many rows are written by ONE statement: binary COPY (``copy``) or
+column arrays (``INSERT … SELECT … FROM unnest($1::text[], …)``, see ``run_columns``); an
+``executemany`` costs the server an executor start-up per row, several times the insert itself.
 """
 
 from __future__ import annotations
@@ -119,6 +119,13 @@ class FastSql:
             return 0
         columns = [list(column) for column in zip(*rows, strict=True)]
         return _pg_rowcount(await pg_call(conn, "execute", sql, columns))
+
+    async def copy(
+        self, conn: AsyncConnection, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> None:
+        """PostgreSQL: rows into ``table`` by binary COPY, inside the connection's transaction."""
+        if rows:
+            await pg_call(conn, "copy", table, (list(columns), rows))
 
 
 def _pg_rowcount(status: Any) -> int:

@@ -174,9 +174,16 @@ def normalise_event(
     """Check one event and turn it into a log entry; raises EventRejected with a path relative to it."""
     if not isinstance(raw, dict):
         raise EventRejected("invalid_event", "an event must be a JSON object", "$")
-    if not depth_ok(raw, max_depth):
+    try:
+        dumped = orjson.dumps(raw)
+    except orjson.JSONEncodeError:
+        if not depth_ok(raw, max_depth):
+            raise EventRejected("too_deep", f"the event nests deeper than {max_depth} levels", "$") from None
+        raise
+    # Nesting needs an opening bracket per level: with no more brackets than levels allowed (brackets
+    # inside strings count too, so this only errs towards walking), the walk can be skipped.
+    if dumped.count(b"{") + dumped.count(b"[") > max_depth and not depth_ok(raw, max_depth):
         raise EventRejected("too_deep", f"the event nests deeper than {max_depth} levels", "$")
-    dumped = orjson.dumps(raw)
     size = len(dumped)
     if size > max_event_bytes:
         raise EventRejected(

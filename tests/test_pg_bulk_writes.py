@@ -1,0 +1,76 @@
+"""The bulk write paths (column arrays, COPY, the one-statement dedup on PostgreSQL) keep behaviour:
+repeats inside one batch and keys seen before, profile fields no rule touched, storage errors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+from mayak.db.fastsql import FastSql
+from mayak.errors import StorageError
+from mayak.platform import Mayak
+from tests.conftest import admin, write_auth
+
+pytestmark = [pytest.mark.contract, pytest.mark.both_modes]
+
+
+async def _batch(client: Any, ws: dict[str, Any], events: list[dict[str, Any]]) -> dict[str, Any]:
+    r = await client.post("/v1/batch", json={"batch": events}, auth=write_auth(ws))
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+async def test_repeats_in_a_batch_and_keys_seen_before(client, mayak: Mayak, ws) -> None:
+    first = await _batch(client, ws, [{"type": "track", "userId": "u1", "event": "A", "messageId": "m1"}])
+    assert first["accepted"] == 1
+    second = await _batch(
+        client,
+        ws,
+        [
+            {"type": "track", "userId": "u1", "event": "B", "messageId": "m2"},
+            {"type": "track", "userId": "u1", "event": "C", "messageId": "m1"},  # seen before
+            {"type": "track", "userId": "u1", "event": "D", "messageId": "m2"},  # repeat in batch
+            {"type": "track", "userId": "u1", "event": "E"},  # no messageId: never a duplicate
+            {"type": "track", "userId": "u1", "event": "F", "messageId": "m3"},
+        ],
+    )
+    assert (second["accepted"], second["duplicates"]) == (3, 2)
+    await mayak.drain()
+    async with mayak.db.read() as conn:
+        names = [r[0] for r in await conn.execute(sa.text("SELECT name FROM events ORDER BY seq"))]
+    assert names == ["A", "B", "E", "F"]
+
+
+async def test_fields_no_rule_touched_are_kept(client, mayak: Mayak, ws) -> None:
+    traits = {"email": "ann@example.com", "plan": "pro"}
+    await _batch(client, ws, [{"type": "identify", "userId": "u1", "traits": traits, "messageId": "i1"}])
+    await mayak.drain()
+    # track events only move last_seen and the context: traits and consents stay as stored
+    await _batch(
+        client,
+        ws,
+        [
+            {"type": "track", "userId": "u1", "event": "X", "context": {"locale": "en-GB"}},
+            {"type": "track", "userId": "u1", "event": "Y"},
+        ],
+    )
+    await mayak.drain()
+    r = await client.get("/v1/customers", params={"identity": "user_id:u1"}, headers=admin(ws))
+    assert r.status_code == 200, r.text
+    person = r.json()
+    assert person["traits"] == traits
+    assert person["context"]["locale"] == "en-GB"
+
+
+async def test_storage_errors_are_sqlalchemy_errors(mayak: Mayak, ws) -> None:
+    """Driver-level SQL fails as the SQLAlchemy path does, so ``write()`` reports a StorageError."""
+    sql = FastSql(mayak.db.dialect)
+    with pytest.raises(StorageError) as caught:
+        async with mayak.db.write() as conn:
+            row = (ws["id"], "k1", 1)
+            insert = f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.values(3)})"
+            await sql.run_many(conn, insert, [row, row])
+    assert isinstance(caught.value.__cause__, IntegrityError)
