@@ -506,3 +506,23 @@ async def test_every_bot_triggered_by_a_business_event_gets_it(bot: Setup) -> No
     assert all(address == "v1" for address, _ in bot.chat.sent[sent:])
     r = await bot.client.get("/v1/conversations", headers=admin(bot.ws))
     assert len({c["bot_id"] for c in r.json()["items"]}) == 2  # one conversation per bot
+
+
+async def test_a_turn_reads_the_customer_the_pipeline_just_wrote(
+    bot: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mayak.db.fastsql import FastSql
+
+    await bot.say("/start")
+    queries: list[str] = []
+    fetch = FastSql.fetch
+
+    async def counting(self: FastSql, conn: Any, sql: str, params: Any = ()) -> Any:
+        queries.append(sql)
+        return await fetch(self, conn, sql, params)
+
+    monkeypatch.setattr(FastSql, "fetch", counting)
+    await bot.say(payload="book_service", title="Book a service visit")
+    assert "Which car" in bot.chat.texts()[-1]
+    # one read of the customer for the whole turn: the profile batch's, which the router reuses
+    assert sum("FROM customers" in q for q in queries) == 1, queries

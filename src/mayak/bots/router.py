@@ -41,6 +41,7 @@ from mayak.delivery.outbox import OutboxItem, enqueue
 from mayak.errors import NotFound
 from mayak.eventlog import LoggedEvent, NewEvent, append
 from mayak.ids import derived_id
+from mayak.pipeline.batch import HELD_PROFILES
 from mayak.timeutil import ms_to_rfc3339, now_ms
 
 log = structlog.get_logger("mayak.bots")
@@ -324,11 +325,30 @@ class _Run:
             if key not in self.convs or conv.updated_at > self.convs[key].updated_at:
                 self.convs[key] = conv
             self.by_id[conv.id] = conv
+        # The pipeline's batch holds most of them already, as just written.
+        held = HELD_PROFILES.get() or {}
+        missing: list[str] = []
+        for cid in ids:
+            profile = held.get(cid)
+            if profile is None or profile.merged_into:
+                missing.append(cid)
+                continue
+            self.customers[cid] = Customer(
+                cid,
+                dict(profile.traits),  # a turn's `set` updates its copy as it goes
+                profile.consents,
+                profile.preferences,
+                profile.context,
+                profile.stage,
+                region=self.region,
+            )
+        if not missing:
+            return
         rows = await sql.fetch(
             self.conn,
             "SELECT id, traits, consents, preferences, context, stage FROM customers "
             f"WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}",
-            (self.ws, sql.list_param(ids)),
+            (self.ws, sql.list_param(missing)),
         )
         for r in rows:
             self.customers[r[0]] = Customer(

@@ -9,6 +9,7 @@ event is recorded. Every write happens at the end, in the caller's transaction.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ ADMIN_TYPES = frozenset(
     {"customer.traits_set", "customer.consents_set", "customer.preferences_set", "customer.stage_set"}
 )
 _CHUNK = 400
+# The profiles of the batch whose consumers (the routers) are running, as written: a consumer in the
+# same transaction reads a customer from here instead of querying it again. None outside.
+HELD_PROFILES: ContextVar[dict[str, Profile] | None] = ContextVar("mayak_held_profiles", default=None)
 
 
 @dataclass(slots=True)

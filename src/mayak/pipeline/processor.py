@@ -24,7 +24,7 @@ from mayak.db.fastsql import FastSql
 from mayak.db.schema import consumer_cursors, events, workspaces
 from mayak.eventlog import LoggedEvent, LogNotifier, NewEvent, append
 from mayak.metrics import Metrics
-from mayak.pipeline.batch import EVENT_COLUMNS, ProfileBatch, logged_from_tuple
+from mayak.pipeline.batch import EVENT_COLUMNS, HELD_PROFILES, ProfileBatch, logged_from_tuple
 from mayak.timeutil import now_ms
 from mayak.workspaces.service import WorkspaceService
 
@@ -315,9 +315,13 @@ class Pipeline:
         saves it later in the same transaction); returns how many events it derived."""
         if batch is not None and batch.derived:
             await append(self.db, conn, batch.derived)
-        for router in self.routers:
-            if await router(conn, ws_id, routed):
-                self._deliveries_pending = True
+        held = HELD_PROFILES.set(batch.profiles if batch is not None else None)
+        try:
+            for router in self.routers:
+                if await router(conn, ws_id, routed):
+                    self._deliveries_pending = True
+        finally:
+            HELD_PROFILES.reset(held)
         if save_cursor:
             await self._save_cursor(conn, ws_id, position, batch.now if batch is not None else now_ms())
         self.metrics.events_processed.inc(len(routed))
