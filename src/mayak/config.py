@@ -31,6 +31,7 @@ class Settings:
     outbox_max_attempts: int = 8
     outbox_base_delay_ms: int = 1000
     webhook_timeout_s: float = 10.0
+    bus_url: str = ""  # "" = PostgreSQL LISTEN/NOTIFY on PostgreSQL, else in-process; nats://… ; local
     log_level: str = "info"
 
     @classmethod
@@ -53,6 +54,7 @@ class Settings:
             outbox_max_attempts=_env_int("MAYAK_OUTBOX_MAX_ATTEMPTS", cls.outbox_max_attempts),
             outbox_base_delay_ms=_env_int("MAYAK_OUTBOX_BASE_DELAY_MS", cls.outbox_base_delay_ms),
             webhook_timeout_s=float(env.get("MAYAK_WEBHOOK_TIMEOUT_S") or cls.webhook_timeout_s),
+            bus_url=env.get("MAYAK_BUS_URL", cls.bus_url).strip(),
             log_level=env.get("MAYAK_LOG_LEVEL", cls.log_level),
         )
 

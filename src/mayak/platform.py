@@ -17,6 +17,7 @@ import structlog
 from mayak.bots.conversations import ConversationService
 from mayak.bots.router import CHANNEL_SOURCES, BotRouter
 from mayak.bots.store import BotStore
+from mayak.bus import build_bus
 from mayak.channels import telegram, webchat
 from mayak.channels.base import MESSAGE_KIND
 from mayak.channels.service import ChannelService
@@ -62,6 +63,8 @@ class Mayak:
         self.box = SecretBox(master_key(settings))
         self.metrics = Metrics()
         self.notifier = LogNotifier()
+        # Live frames for sockets other processes hold (web chat); see mayak/bus.py.
+        self.bus = build_bus(settings.bus_url, self.db.url)
         self.workspaces = WorkspaceService(self.db, self.box)
         self.idempotency = IdempotencyStore(self.db, self.box)
         self.writer = IngestWriter(
@@ -98,6 +101,7 @@ class Mayak:
 
     async def start(self, *, workers: bool = True) -> None:
         self.writer.start()
+        await self.bus.start()  # connects in the background: a bus that is down never stops start-up
         if workers:
             self._stop.clear()
             self._spawn("pipeline", self.pipeline.run_forever)
@@ -134,6 +138,7 @@ class Mayak:
                 await task
         self._tasks.clear()
         await self.writer.stop()
+        await self.bus.stop()
         await self.destinations.close()
         await self.channels.close()
         await self.integrations.calls.close()

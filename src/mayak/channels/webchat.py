@@ -8,10 +8,11 @@ message until its ack, so a dropped connection loses nothing and a resend is sto
 dedup key carries the widget's ``client_id``).
 
 Outbound: ``send`` (called by the outbox for rows of kind ``message``) pushes the message to every
-open socket of that visitor *in this process* (the ``Hub``). A visitor who is not connected misses
+open socket of that visitor in this process (the ``Hub``). A visitor who is not connected misses
 only the live push: the message is in the log as a ``message.outbound`` event and comes back in the
-``welcome`` history of the next connection, so delivery counts as done either way. Several API
-processes need a shared bus for live pushes (see docs/webchat.md).
+``welcome`` history of the next connection, so delivery counts as done either way. The frame is
+also published on the push bus (``mayak.bus``), and every other process pushes it to the sockets
+it holds (see docs/webchat.md, Delivery semantics).
 
 The protocol is documented in docs/webchat.md.
 """
@@ -347,11 +348,15 @@ class WebChatAdapter:
     async def send(
         self, channel: ChannelRecord, address: str, message: OutboundMessage, message_id: str
     ) -> DeliveryOutcome:
-        """Push to the visitor's open sockets here. Done even when none is open: the message is in
-        the log (``message.outbound``) and the next connection's history shows it."""
+        """Push to the visitor's open sockets here and publish on the push bus for the sockets other
+        processes hold (at most once, never failing: see mayak/bus.py). Done even when no socket is
+        open: the message is in the log (``message.outbound``) and the next connection's history
+        shows it."""
         # No log line per push: at thousands of messages a second structlog's lazy logger costs
         # more than the push itself.
-        self.hub.push(channel.id, address, message_frame(message_id, message, now_ms()))
+        frame = message_frame(message_id, message, now_ms())
+        self.hub.push(channel.id, address, frame)
+        self.mayak.bus.publish(TYPE, channel.id, address, frame)
         return DeliveryOutcome(True)
 
     # -- user tokens ---------------------------------------------------------------------------
@@ -770,4 +775,6 @@ def adapter_of(mayak: Mayak) -> WebChatAdapter:
 
 def install(mayak: Mayak) -> None:
     """Register the adapter with ``mayak.channels`` (and anything else it needs)."""
-    mayak.channels.register(WebChatAdapter(mayak))
+    adapter = WebChatAdapter(mayak)
+    mayak.bus.subscribe(TYPE, adapter.hub.push)  # frames other processes publish for our sockets
+    mayak.channels.register(adapter)
