@@ -26,6 +26,7 @@ import httpx
 import orjson
 import pytest
 import sqlalchemy as sa
+from prometheus_client import generate_latest
 
 from mayak.bus import PG_MAX_PAYLOAD, LocalBus, NatsBus, PostgresBus, build_bus, pg_envelope, pg_payload
 from mayak.channels.base import Button, ChannelRecord, OutboundMessage
@@ -268,6 +269,9 @@ async def test_a_bus_that_is_down_never_fails_a_delivery(tmp_path: Path) -> None
         assert (await adapter_of(m).send(record, "visitor-1", OutboundMessage("hi"), "obx_1")).ok
         assert (await sock.next())["text"] == "hi"  # this process's sockets still get it
         assert m.bus.dropped == 1
+        exposition = generate_latest(m.metrics.registry).decode()
+        assert 'mayak_push_frames_total{bus="nats",outcome="dropped"} 1.0' in exposition
+        assert 'mayak_push_frames_total{bus="nats",outcome="published"} 0.0' in exposition
     finally:
         await m.close()
 

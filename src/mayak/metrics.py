@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 
 class Metrics:
@@ -43,3 +48,22 @@ class Metrics:
             registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
+
+    def watch_push_bus(self, bus: Any) -> None:
+        """Expose the push bus's frame counters (``mayak.bus.PushBus``) as
+        ``mayak_push_frames_total{bus, outcome}``: published, received, own (our publications coming
+        back, ignored) and dropped (at most once: the next connection's history shows the message)."""
+        self.registry.register(_PushBusCollector(bus))
+
+
+class _PushBusCollector(Collector):
+    def __init__(self, bus: Any) -> None:
+        self.bus = bus
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "mayak_push_frames", "Web-chat frames on the push bus, by outcome", labels=["bus", "outcome"]
+        )
+        for outcome in ("published", "received", "own", "dropped"):
+            family.add_metric([self.bus.name, outcome], float(getattr(self.bus, outcome)))
+        yield family

@@ -65,6 +65,7 @@ class Mayak:
         self.notifier = LogNotifier()
         # Live frames for sockets other processes hold (web chat); see mayak/bus.py.
         self.bus = build_bus(settings.bus_url, self.db.url)
+        self.metrics.watch_push_bus(self.bus)
         self.workspaces = WorkspaceService(self.db, self.box)
         self.idempotency = IdempotencyStore(self.db, self.box)
         self.writer = IngestWriter(
