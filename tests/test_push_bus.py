@@ -387,3 +387,29 @@ async def test_a_reply_delivered_by_a_worker_reaches_the_api_process_socket(tmp_
     finally:
         worker.stop()
         api.stop()
+
+
+# -- a deleted channel closes its sockets in every process ----------------------------------------
+
+
+async def close_across(a: Mayak, b: Mayak) -> None:
+    """B deletes a channel whose visitor's socket A holds: A's socket is told and closed."""
+    ws = await a.workspaces.create_workspace("Bus", {})
+    channel = await a.channels.create(ws["id"], type="webchat", name="Chat", config={})
+    on_b = await b.channels.record(ws["id"], channel["id"])
+    sock = attach(a, channel["id"], str(uuid.uuid4()))
+    await adapter_of(b).deactivate(on_b)
+    frame = await sock.next()  # told, then closed (close_channel does both)
+    assert (frame["type"], frame["code"]) == ("error", "channel_deleted")
+
+
+async def test_a_channel_deleted_elsewhere_closes_its_sockets_over_postgres(
+    pg_pair: tuple[Mayak, Mayak],
+) -> None:
+    await close_across(*pg_pair)
+
+
+async def test_a_channel_deleted_elsewhere_closes_its_sockets_over_nats(
+    nats_pair: tuple[Mayak, Mayak],
+) -> None:
+    await close_across(*nats_pair)

@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mayak.webchat")
 
 TYPE = "webchat"
+CLOSE_KIND = "webchat_close"  # on the push bus: close a deleted channel's sockets everywhere
 OUTBOUND_TYPE = "message.outbound"
 USER_TOKENS_PURPOSE = "user_tokens"
 
@@ -343,7 +344,18 @@ class WebChatAdapter:
         return {}
 
     async def deactivate(self, channel: ChannelRecord) -> None:
+        """Close the channel's sockets here, and (through the push bus) in the other processes."""
         self.hub.close_channel(channel.id, CLOSE_GONE, "channel_deleted")
+        self.mayak.bus.publish(CLOSE_KIND, channel.id, "", {"code": CLOSE_GONE, "reason": "channel_deleted"})
+
+    def _closed_elsewhere(self, channel_id: str, address: str, frame: dict[str, Any]) -> None:
+        code = frame.get("code")
+        reason = frame.get("reason")
+        self.hub.close_channel(
+            channel_id,
+            code if isinstance(code, int) else CLOSE_GONE,
+            reason if isinstance(reason, str) else "channel_deleted",
+        )
 
     async def send(
         self, channel: ChannelRecord, address: str, message: OutboundMessage, message_id: str
@@ -777,4 +789,5 @@ def install(mayak: Mayak) -> None:
     """Register the adapter with ``mayak.channels`` (and anything else it needs)."""
     adapter = WebChatAdapter(mayak)
     mayak.bus.subscribe(TYPE, adapter.hub.push)  # frames other processes publish for our sockets
+    mayak.bus.subscribe(CLOSE_KIND, adapter._closed_elsewhere)  # a channel deleted in another process
     mayak.channels.register(adapter)
