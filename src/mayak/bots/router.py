@@ -120,8 +120,7 @@ class BotRouter:
             work.extend(await self._work_for(ev, ws_id, current, triggers))
         if not work:
             return 0
-        region = str((await self.channels.workspaces.settings(ws_id)).get("default_region") or "US")
-        run = _Run(self, conn, ws_id, current, region)
+        run = _Run(self, conn, ws_id, current, await self.channels.workspaces.default_region(ws_id))
         await run.load([w.event.customer_id for w in work if w.event.customer_id])
         for item in work:
             await run.turn(item)
@@ -202,7 +201,7 @@ class BotRouter:
         if ev.customer_id is None:
             return []
         p = ev.payload
-        if ev.type == "track" and ev.name in INBOUND_NAMES and ev.source in ("telegram", "webchat"):
+        if ev.type == "track" and ev.name in INBOUND_NAMES and ev.source in CHANNEL_SOURCES:
             props = p.get("properties") or {}
             channel_id = str(props.get("channel_id") or "")
             bot_id = await self._bot_for_channel(ws_id, channel_id, current)
@@ -235,7 +234,7 @@ class BotRouter:
             }[ev.type]
             inp = Input(kind, ev.received_at, ev.id, text=p.get("text"), data=p)
             return [_Work(ev, inp, None, str(p.get("conversation_id")))]
-        if ev.type == "track" and ev.name in triggers and ev.source not in ("telegram", "webchat"):
+        if ev.type == "track" and ev.name in triggers and ev.source not in CHANNEL_SOURCES:
             props = p.get("properties")
             # Every bot that triggers on or waits for this event gets it, each with its own input
             # (a turn notes the flow it starts in the input's data).

@@ -391,7 +391,7 @@ class Pipeline:
         """The workspace's default phone region."""
         if self.workspaces is None:
             return "US"
-        return str((await self.workspaces.settings(ws_id)).get("default_region", "US"))
+        return await self.workspaces.default_region(ws_id)
 
     def reset_position(self, ws_id: str) -> None:
         self._positions[ws_id] = 0

@@ -94,6 +94,10 @@ class WorkspaceService:
             raise NotFound("workspace")
         return {str(k): v for k, v in row._mapping.items()}
 
+    async def default_region(self, ws_id: str) -> str:
+        """The workspace's default phone region (how national numbers are read), "US" when unset."""
+        return str((await self.settings(ws_id)).get("default_region") or "US")
+
     async def settings(self, ws_id: str) -> dict[str, Any]:
         """A workspace's settings, cached for a few seconds (other processes' changes show within that)."""
         cached = self._settings_cache.get(ws_id)
