@@ -263,20 +263,20 @@ def test_the_word_cache_gives_the_vectors_of_whole_text_counting() -> None:
         # n-grams of the whole text at once, as the featuriser did before it cached words
         words = text.split()
         counts: dict[int, int] = {}
-        unknown = 0.0
-        for g, n in Counter(f._char_grams(words)).items():
-            j = f.char_vocab.get(g)
-            if j is None:
-                unknown += (1.0 + math.log(n)) ** 2
-            else:
-                counts[j] = n
-        unknown_word = 0.0
-        for g, n in Counter(f._word_grams(words)).items():
-            j = f.word_vocab.get(g)
-            if j is None:
-                unknown_word += (1.0 + math.log(n)) ** 2
-            else:
-                counts[j] = n
+
+        def tally(grams: list[str], vocab: dict[str, int]) -> float:
+            """Known n-grams into ``counts``; the squared weight of the unknown ones."""
+            unknown = 0.0
+            for g, n in Counter(grams).items():
+                j = vocab.get(g)
+                if j is None:
+                    unknown += (1.0 + math.log(n)) ** 2
+                else:
+                    counts[j] = n
+            return unknown
+
+        unknown = tally(f._char_grams(words), f.char_vocab)
+        unknown_word = tally(f._word_grams(words), f.word_vocab)
         w = f.unseen_idf**2
         idx, vals = f._weigh(counts, unknown * w, unknown_word * w)
         return idx.tolist(), vals.tolist()
