@@ -10,24 +10,20 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
 from mayak.channels.base import Capabilities, OutboundMessage, fit
-from mayak.channels.telegram import TelegramAdapter
 from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.schema import outbox
 from mayak.delivery.outbox import DeliveryOutcome, OutboxDispatcher, OutboxItem, OutboxRow, enqueue, step
 from mayak.metrics import Metrics
-from mayak.platform import Mayak
 from mayak.timeutil import now_ms
 from tests.backends import backend_db
-from tests.telegram_emulator import Bot, TelegramEmulator, telegram_server, tg
-from tests.test_telegram import adapter, attempts, connected, outbox_rows, say, settings
+from tests.telegram_fixtures import Telegram, settings, telegram, telegram_server, tg
 
-__all__ = ["adapter", "backend_db", "connected", "settings", "telegram_server", "tg"]  # fixtures
+__all__ = ["backend_db", "settings", "telegram", "telegram_server", "tg"]  # fixtures
 
 HOUR = 3_600_000
 
@@ -41,103 +37,70 @@ def paragraphs(n: int) -> list[str]:
     return out
 
 
-async def row_of(mayak: Mayak, row_id: str) -> dict[str, Any]:
-    return next(r for r in await outbox_rows(mayak) if r["id"] == row_id)
-
-
-def texts(bot: Bot) -> list[str]:
-    return [m["text"] for m in bot.sent]
-
-
-async def test_a_retry_resumes_at_the_part_that_failed(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 400, "hi"))
-    await mayak.drain()
+async def test_a_retry_resumes_at_the_part_that_failed(telegram: Telegram) -> None:
+    await telegram.hi(400)
     parts = paragraphs(3)
     message = {"text": "\n\n".join(parts), "buttons": [{"title": "OK", "payload": "ok"}]}
     assert [p.text for p in fit(OutboundMessage.from_json(message), Capabilities())] == parts
 
-    tg.fail("sendMessage", 500, "Internal Server Error", skip=1)  # part 2 fails, once
-    row_id = await say(mayak, ws, channel, 400, message, "three-parts")
+    telegram.tg.fail("sendMessage", 500, "Internal Server Error", skip=1)  # part 2 fails, once
+    row_id = await telegram.say(400, message, "three-parts")
     t0 = now_ms()
-    assert await mayak.outbox.run_once(now=t0) == 1
-    row = await row_of(mayak, row_id)
+    assert await telegram.mayak.outbox.run_once(now=t0) == 1
+    row = await telegram.row(row_id)
     assert (row["status"], row["attempts"], row["progress"]) == ("failed", 1, 1)
-    assert texts(bot) == parts[:1]
+    assert telegram.texts() == parts[:1]
 
-    assert await mayak.outbox.run_once(now=t0 + HOUR) == 1
-    row = await row_of(mayak, row_id)
+    assert await telegram.mayak.outbox.run_once(now=t0 + HOUR) == 1
+    row = await telegram.row(row_id)
     assert (row["status"], row["attempts"], row["progress"]) == ("sent", 2, 3)
-    assert texts(bot) == parts  # each part exactly once, in order
-    calls = tg.calls_to("sendMessage", bot)
+    assert telegram.texts() == parts  # each part exactly once, in order
+    calls = telegram.tg.calls_to("sendMessage", telegram.bot)
     assert [(c.params["text"][:7], c.status) for c in calls] == [
         ("Part 1.", 200),
         ("Part 2.", 500),
         ("Part 2.", 200),
         ("Part 3.", 200),
     ]
-    assert [("reply_markup" in m) for m in bot.sent] == [False, False, True]  # the keyboard, once
-    assert [a[:2] for a in await attempts(mayak, row_id)] == [(1, 500), (2, 200)]
+    assert [("reply_markup" in m) for m in telegram.bot.sent] == [False, False, True]  # the keyboard, once
+    assert [a[:2] for a in await telegram.attempts(row_id)] == [(1, 500), (2, 200)]
 
 
-async def test_a_flood_wait_on_a_later_part(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-    adapter: TelegramAdapter,
-) -> None:
+async def test_a_flood_wait_on_a_later_part(telegram: Telegram) -> None:
     """Part 2 of 3 meets Telegram's flood control: the row comes back after ``retry_after`` and
     sends parts 2 and 3 only."""
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 401, "hi"))
-    await mayak.drain()
+    await telegram.hi(401)
 
     async def sleep(seconds: float) -> None:
         raise AssertionError("a 40 s wait is left to the outbox")
 
-    adapter.sleep = sleep
+    telegram.adapter.sleep = sleep
     parts = paragraphs(3)
-    tg.fail("sendMessage", 429, "Too Many Requests: retry after 40", retry_after=40, skip=1)
-    row_id = await say(mayak, ws, channel, 401, {"text": "\n\n".join(parts)}, "flooded")
+    telegram.tg.fail("sendMessage", 429, "Too Many Requests: retry after 40", retry_after=40, skip=1)
+    row_id = await telegram.say(401, {"text": "\n\n".join(parts)}, "flooded")
     t0 = now_ms()
-    assert await mayak.outbox.run_once(now=t0) == 1
-    row = await row_of(mayak, row_id)
+    assert await telegram.mayak.outbox.run_once(now=t0) == 1
+    row = await telegram.row(row_id)
     assert (row["status"], row["progress"], row["next_attempt_at"]) == ("failed", 1, t0 + 40_000)
-    assert await mayak.outbox.run_once(now=t0 + 39_999) == 0
-    assert await mayak.outbox.run_once(now=t0 + 40_000) == 1
-    assert (await row_of(mayak, row_id))["status"] == "sent"
-    assert texts(bot) == parts
+    assert await telegram.mayak.outbox.run_once(now=t0 + 39_999) == 0
+    assert await telegram.mayak.outbox.run_once(now=t0 + 40_000) == 1
+    assert (await telegram.row(row_id))["status"] == "sent"
+    assert telegram.texts() == parts
 
 
-async def test_parts_cut_for_utf16_resume_too(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
+async def test_parts_cut_for_utf16_resume_too(telegram: Telegram) -> None:
     """3,000 emoji are one part for ``fit`` (code points) but two for Telegram (6,000 UTF-16 units):
     each ``sendMessage`` is a step of its own."""
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 402, "hi"))
-    await mayak.drain()
-    tg.fail("sendMessage", 502, "Bad Gateway", skip=1)
-    row_id = await say(mayak, ws, channel, 402, {"text": "😀" * 3000}, "emoji")
+    await telegram.hi(402)
+    telegram.tg.fail("sendMessage", 502, "Bad Gateway", skip=1)
+    row_id = await telegram.say(402, {"text": "😀" * 3000}, "emoji")
     t0 = now_ms()
-    assert await mayak.outbox.run_once(now=t0) == 1
-    assert (await row_of(mayak, row_id))["progress"] == 1
-    assert await mayak.outbox.run_once(now=t0 + HOUR) == 1
-    assert (await row_of(mayak, row_id))["status"] == "sent"
-    assert len(bot.sent) == 2 and "".join(texts(bot)) == "😀" * 3000
-    assert [c.status for c in tg.calls_to("sendMessage", bot)] == [200, 502, 200]
+    assert await telegram.mayak.outbox.run_once(now=t0) == 1
+    assert (await telegram.row(row_id))["progress"] == 1
+    assert await telegram.mayak.outbox.run_once(now=t0 + HOUR) == 1
+    assert (await telegram.row(row_id))["status"] == "sent"
+    assert len(telegram.bot.sent) == 2 and "".join(telegram.texts()) == "😀" * 3000
+    assert [c.status for c in telegram.tg.calls_to("sendMessage", telegram.bot)] == [200, 502, 200]
 
 
 # -- the outbox's side, with a scripted handler -------------------------------------------------

@@ -10,6 +10,7 @@ the control).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,7 +29,16 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import generate_latest
 
-from mayak.bus import PG_MAX_PAYLOAD, LocalBus, NatsBus, PostgresBus, build_bus, pg_envelope, pg_payload
+from mayak.bus import (
+    PG_MAX_PAYLOAD,
+    LocalBus,
+    NatsBus,
+    PostgresBus,
+    PushBus,
+    build_bus,
+    pg_envelope,
+    pg_payload,
+)
 from mayak.channels.base import Button, ChannelRecord, OutboundMessage
 from mayak.channels.webchat import Connection, adapter_of
 from mayak.config import Settings
@@ -87,11 +97,19 @@ async def eventually(check: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def start_pair(a: Mayak, b: Mayak) -> None:
-    for m in (a, b):
-        await m.start(workers=False)
-    for m in (a, b):
-        assert await m.bus.wait_connected(10), f"the {m.bus.name} bus did not connect"
+@contextlib.asynccontextmanager
+async def started_pair(a: Mayak, b: Mayak, bus: type[PushBus]) -> AsyncIterator[tuple[Mayak, Mayak]]:
+    """``a`` and ``b`` started (their ``bus`` connected) for the block; both closed afterwards."""
+    try:
+        assert isinstance(a.bus, bus) and isinstance(b.bus, bus)
+        for m in (a, b):
+            await m.start(workers=False)
+        for m in (a, b):
+            assert await m.bus.wait_connected(10), f"the {m.bus.name} bus did not connect"
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
 
 
 async def exchange(a: Mayak, b: Mayak) -> tuple[ChannelRecord, ChannelRecord]:
@@ -146,13 +164,8 @@ async def pg_pair(tmp_path: Path) -> AsyncIterator[tuple[Mayak, Mayak]]:
     db_a = await fresh_database("postgres", tmp_path)  # skips (or fails in CI) without PostgreSQL
     a = Mayak(pg_settings(), db=db_a)
     b = Mayak(pg_settings(), db=Database(POSTGRES_URL, pool_size=2))
-    try:
-        assert isinstance(a.bus, PostgresBus) and isinstance(b.bus, PostgresBus)
-        await start_pair(a, b)
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+    async with started_pair(a, b, PostgresBus) as pair:
+        yield pair
 
 
 async def test_postgres_carries_frames_between_processes(pg_pair: tuple[Mayak, Mayak]) -> None:
@@ -221,13 +234,8 @@ async def nats_pair(tmp_path: Path) -> AsyncIterator[tuple[Mayak, Mayak]]:
     await db.create_all()
     a = Mayak(settings, db=db)
     b = Mayak(settings)  # its own engine on the same SQLite file
-    try:
-        assert isinstance(a.bus, NatsBus) and isinstance(b.bus, NatsBus)
-        await start_pair(a, b)
-        yield a, b
-    finally:
-        await a.close()
-        await b.close()
+    async with started_pair(a, b, NatsBus) as pair:
+        yield pair
 
 
 async def test_nats_carries_frames_between_processes(nats_pair: tuple[Mayak, Mayak]) -> None:

@@ -5,118 +5,31 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import orjson
 import pytest
-import sqlalchemy as sa
 
-from mayak.channels.base import MESSAGE_KIND
 from mayak.channels.telegram import TelegramAdapter
-from mayak.config import Settings
-from mayak.db.schema import events, outbox, outbox_attempts
-from mayak.delivery.outbox import OutboxItem, enqueue
 from mayak.platform import Mayak
 from mayak.timeutil import ms_to_rfc3339, now_ms
 from tests.conftest import admin, write_auth
-from tests.telegram_emulator import Bot, TelegramEmulator, telegram_server, tg
+from tests.telegram_emulator import TelegramEmulator
+from tests.telegram_fixtures import (
+    Telegram,
+    adapter,
+    connect,
+    customer_of,
+    settings,
+    telegram,
+    telegram_server,
+    tg,
+)
 
-__all__ = ["telegram_server", "tg"]  # fixtures used by this module
+__all__ = ["adapter", "settings", "telegram", "telegram_server", "tg"]  # fixtures used by this module
 
-PUBLIC_URL = "https://mayak.example.com/"
 SECRET_RE = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
-
-
-@pytest.fixture
-def settings(settings: Settings) -> Settings:
-    return dataclasses.replace(settings, public_url=PUBLIC_URL)
-
-
-@pytest.fixture
-async def adapter(mayak: Mayak) -> AsyncIterator[TelegramAdapter]:
-    adapter = mayak.channels.adapters["telegram"]
-    assert isinstance(adapter, TelegramAdapter)
-    yield adapter
-    await adapter.close()
-
-
-async def connect(
-    client: httpx.AsyncClient, ws: dict[str, Any], tg: TelegramEmulator, bot: Bot | None = None
-) -> tuple[dict[str, Any], Bot]:
-    bot = bot or tg.add_bot()
-    r = await client.post(
-        "/v1/channels",
-        json={
-            "type": "telegram",
-            "name": "Shop bot",
-            "config": {"bot_token": bot.token, "api_base_url": tg.base_url},
-        },
-        headers=admin(ws),
-    )
-    assert r.status_code == 201, r.text
-    return r.json(), bot
-
-
-@pytest.fixture
-async def connected(
-    client: httpx.AsyncClient, ws: dict[str, Any], tg: TelegramEmulator, adapter: TelegramAdapter
-) -> tuple[dict[str, Any], Bot]:
-    return await connect(client, ws, tg)
-
-
-async def logged(mayak: Mayak, ws: dict[str, Any], name: str | None = None) -> list[dict[str, Any]]:
-    """The workspace's events in log order (payload decoded)."""
-    query = sa.select(events).where(events.c.workspace_id == ws["id"]).order_by(events.c.seq)
-    if name is not None:
-        query = query.where(events.c.name == name)
-    async with mayak.db.read() as conn:
-        rows = (await conn.execute(query)).mappings().all()
-    return [dict(r) | {"payload": orjson.loads(r["payload"])} for r in rows]
-
-
-async def customer_of(client: httpx.AsyncClient, ws: dict[str, Any], identity: str) -> dict[str, Any]:
-    r = await client.get("/v1/customers", params={"identity": identity}, headers=admin(ws))
-    assert r.status_code == 200, r.text
-    customer: dict[str, Any] = r.json()
-    return customer
-
-
-async def outbox_rows(mayak: Mayak) -> list[dict[str, Any]]:
-    async with mayak.db.read() as conn:
-        return [dict(r) for r in (await conn.execute(sa.select(outbox).order_by(outbox.c.id))).mappings()]
-
-
-async def attempts(mayak: Mayak, row_id: str) -> list[tuple[int, int | None, str | None]]:
-    a = outbox_attempts.c
-    async with mayak.db.read() as conn:
-        rows = await conn.execute(
-            sa.select(a.attempt, a.status_code, a.error).where(a.outbox_id == row_id).order_by(a.attempt)
-        )
-        return [(r.attempt, r.status_code, r.error) for r in rows]
-
-
-async def say(
-    mayak: Mayak, ws: dict[str, Any], channel: dict[str, Any], chat: int, message: dict[str, Any], key: str
-) -> str:
-    """Enqueue an outbound message as the bot router would; returns the outbox row id."""
-    async with mayak.db.write() as conn:
-        await enqueue(
-            mayak.db,
-            conn,
-            [
-                OutboxItem(
-                    workspace_id=ws["id"],
-                    kind=MESSAGE_KIND,
-                    payload={"channel_id": channel["id"], "address": str(chat), "message": message},
-                    idempotency_key=key,
-                    target=channel["id"],
-                )
-            ],
-        )
-    rows = [r for r in await outbox_rows(mayak) if r["idempotency_key"] == key]
-    return str(rows[0]["id"])
 
 
 async def drain_retries(mayak: Mayak) -> None:
@@ -243,30 +156,23 @@ async def test_telegram_refusals_leave_nothing_behind(
 
 
 @pytest.mark.contract
-async def test_a_message_is_recorded_on_the_chat_customer(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    channel, bot = connected
-    sender = tg.user(123, "Ann", username="ann_k", last_name="K", language_code="pt-br")
-    update = tg.message_update(bot, 123, "Hello there", sender=sender)
-    r = await tg.deliver(client, bot, update)
+async def test_a_message_is_recorded_on_the_chat_customer(telegram: Telegram) -> None:
+    sender = telegram.tg.user(123, "Ann", username="ann_k", last_name="K", language_code="pt-br")
+    update = telegram.tg.message_update(telegram.bot, 123, "Hello there", sender=sender)
+    r = await telegram.deliver(update)
     assert r.status_code == 200 and r.json() == {"ok": True}
 
-    customer = await customer_of(client, ws, "telegram:123")
+    customer = await telegram.customer("telegram:123")
     assert [(i["kind"], i["value"]) for i in customer["identities"]] == [("telegram", "123")]
     assert customer["traits"] == {}  # a Telegram name is not a trait
-    r = await client.get(f"/v1/customers/{customer['id']}/events", headers=admin(ws))
+    r = await telegram.client.get(f"/v1/customers/{customer['id']}/events", headers=admin(telegram.ws))
     [event] = r.json()["items"]
     assert event["name"] == "Message Received" and event["source"] == "telegram"
     assert event["timestamp"] == ms_to_rfc3339(update["message"]["date"] * 1000)
     props = event["payload"]["properties"]
     assert props == {
         "channel": "telegram",
-        "channel_id": channel["id"],
+        "channel_id": telegram.channel["id"],
         "address": "123",
         "text": "Hello there",
         "external_id": str(update["message"]["message_id"]),
@@ -277,36 +183,22 @@ async def test_a_message_is_recorded_on_the_chat_customer(
 
 
 @pytest.mark.contract
-async def test_a_resent_update_is_stored_once(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    _, bot = connected
-    update = tg.message_update(bot, 124, "once")
+async def test_a_resent_update_is_stored_once(telegram: Telegram) -> None:
+    update = telegram.tg.message_update(telegram.bot, 124, "once")
     for _ in range(3):
-        assert (await tg.deliver(client, bot, update)).status_code == 200
-    assert len(await logged(mayak, ws, "Message Received")) == 1
+        assert (await telegram.deliver(update)).status_code == 200
+    assert len(await telegram.logged("Message Received")) == 1
     # the same update_id on another channel is another update
-    _, bot2 = await connect(client, ws, tg)
+    _, bot2 = await connect(telegram.client, telegram.ws, telegram.tg)
     bot2.chats.add(124)
-    assert (await tg.deliver(client, bot2, update)).status_code == 200
-    assert len(await logged(mayak, ws, "Message Received")) == 2
+    assert (await telegram.tg.deliver(telegram.client, bot2, update)).status_code == 200
+    assert len(await telegram.logged("Message Received")) == 2
 
 
-async def test_the_secret_token_is_required(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    channel, bot = connected
-    update = tg.message_update(bot, 125, "let me in")
+async def test_the_secret_token_is_required(telegram: Telegram) -> None:
+    update = telegram.tg.message_update(telegram.bot, 125, "let me in")
     for secret in (None, "wrong", "", "Ünïcode-secret"):
-        r = await tg.deliver(client, bot, update, secret=secret if secret != "" else "x" * 300)
+        r = await telegram.deliver(update, secret=secret if secret != "" else "x" * 300)
         assert r.status_code == 401, r.text
         assert r.json() == {
             "type": "authentication_error",
@@ -314,20 +206,22 @@ async def test_the_secret_token_is_required(
             "message": r.json()["message"],
             "param": None,
         }
-    r = await client.post(
+    r = await telegram.client.post(
         "/v1/telegram/ch_unknown/webhook",
         json=update,
-        headers={"X-Telegram-Bot-Api-Secret-Token": bot.secret_token or ""},
+        headers={"X-Telegram-Bot-Api-Secret-Token": telegram.bot.secret_token or ""},
     )
     assert r.status_code == 404 and r.json()["code"] == "not_found"
-    assert await logged(mayak, ws) == []
+    assert await telegram.logged() == []
 
     # a disabled channel answers 200 (Telegram would retry anything else) and records nothing
-    r = await client.patch(f"/v1/channels/{channel['id']}", json={"status": "disabled"}, headers=admin(ws))
+    r = await telegram.client.patch(
+        f"/v1/channels/{telegram.channel['id']}", json={"status": "disabled"}, headers=admin(telegram.ws)
+    )
     assert r.status_code == 200
-    r = await tg.deliver(client, bot, update)
+    r = await telegram.deliver(update)
     assert r.status_code == 200 and r.json()["ignored"] == "the channel is disabled"
-    assert await logged(mayak, ws) == []
+    assert await telegram.logged() == []
 
 
 def _msg(**fields: Any) -> dict[str, Any]:
@@ -374,72 +268,54 @@ MALFORMED: list[tuple[Any, str]] = [
 ]
 
 
-async def test_malformed_updates_are_refused_with_a_path(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    _, bot = connected
+async def test_malformed_updates_are_refused_with_a_path(telegram: Telegram) -> None:
     for update, param in MALFORMED:
         raw = update if isinstance(update, bytes) else orjson.dumps(update)
-        r = await tg.deliver(client, bot, raw)
+        r = await telegram.deliver(raw)
         assert r.status_code == 400, (update, r.text)
         expected = {"type": "invalid_request", "code": "invalid_update", "param": param}
         assert r.json() == r.json() | expected, update
-    assert await logged(mayak, ws) == []
+    assert await telegram.logged() == []
     # the server is fine: the next good update goes through
-    r = await tg.deliver(client, bot, tg.message_update(bot, 5, "still here"))
-    assert r.status_code == 200 and len(await logged(mayak, ws)) == 1
+    r = await telegram.message(5, "still here")
+    assert r.status_code == 200 and len(await telegram.logged()) == 1
 
 
 @pytest.mark.contract
-async def test_other_kinds_of_message_and_update(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    _, bot = connected
+async def test_other_kinds_of_message_and_update(telegram: Telegram) -> None:
     sticker = {"file_id": "CAAC", "file_unique_id": "u", "type": "regular", "width": 512, "height": 512}
     photo = [{"file_id": "AgAD", "file_unique_id": "p", "width": 90, "height": 90}]
     for update in (
-        tg.message_update(bot, 130, sticker=sticker),
-        tg.message_update(bot, 130, photo=photo, caption="my car"),
-        tg.message_update(bot, 130, animation={"file_id": "a"}, document={"file_id": "a"}),
-        tg.message_update(bot, 130, new_chat_title="service message"),
-        tg.message_update(bot, 130, "x\x00y"),
+        telegram.tg.message_update(telegram.bot, 130, sticker=sticker),
+        telegram.tg.message_update(telegram.bot, 130, photo=photo, caption="my car"),
+        telegram.tg.message_update(telegram.bot, 130, animation={"file_id": "a"}, document={"file_id": "a"}),
+        telegram.tg.message_update(telegram.bot, 130, new_chat_title="service message"),
+        telegram.tg.message_update(telegram.bot, 130, "x\x00y"),
     ):
-        assert (await tg.deliver(client, bot, update)).status_code == 200
-    props = [e["payload"]["properties"] for e in await logged(mayak, ws, "Message Received")]
+        assert (await telegram.deliver(update)).status_code == 200
+    props = [e["payload"]["properties"] for e in await telegram.logged("Message Received")]
     assert [p["kind"] for p in props] == ["sticker", "photo", "animation", "other", "text"]
     assert "text" not in props[0] and props[1]["caption"] == "my car" and "text" not in props[1]
     assert props[4]["text"] == "xy"  # U+0000 dropped (PostgreSQL cannot store it)
 
-    edited = {"update_id": 999_001, "edited_message": tg.message_update(bot, 130, "edit")["message"]}
-    group = tg.message_update(bot, -100_200, "hi all")
+    edited = {
+        "update_id": 999_001,
+        "edited_message": telegram.tg.message_update(telegram.bot, 130, "edit")["message"],
+    }
+    group = telegram.tg.message_update(telegram.bot, -100_200, "hi all")
     group["message"]["chat"] = {"id": -100_200, "type": "supergroup", "title": "Fans"}
     for update in (edited, group, {"update_id": 999_002}, {"update_id": 999_003, "my_chat_member": {}}):
-        r = await tg.deliver(client, bot, update)
+        r = await telegram.deliver(update)
         assert r.status_code == 200 and r.json()["ignored"], r.text
-    assert len(await logged(mayak, ws)) == 5
+    assert len(await telegram.logged()) == 5
 
 
 @pytest.mark.contract
-async def test_a_10000_character_text(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    _, bot = connected
+async def test_a_10000_character_text(telegram: Telegram) -> None:
     text = ("Привет, мир! " * 800)[:10_000]
-    assert (await tg.deliver(client, bot, tg.message_update(bot, 140, text))).status_code == 200
-    assert (await tg.deliver(client, bot, tg.message_update(bot, 140, "😀" * 10_001))).status_code == 200
-    first, second = [e["payload"]["properties"] for e in await logged(mayak, ws, "Message Received")]
+    assert (await telegram.message(140, text)).status_code == 200
+    assert (await telegram.message(140, "😀" * 10_001)).status_code == 200
+    first, second = [e["payload"]["properties"] for e in await telegram.logged("Message Received")]
     assert first["text"] == text and "truncated" not in first
     assert len(second["text"]) == 10_000 and second["truncated"] is True
 
@@ -448,15 +324,8 @@ async def test_a_10000_character_text(
 
 
 @pytest.mark.contract
-async def test_buttons_out_and_presses_back(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 150, "menu"))
+async def test_buttons_out_and_presses_back(telegram: Telegram) -> None:
+    await telegram.message(150, "menu")
     long_payload = "book_service:" + "x" * 100  # over Telegram's 64 bytes
     tilde = "~looks-like-a-reference"
     message = {
@@ -469,9 +338,9 @@ async def test_buttons_out_and_presses_back(
             {"title": "Call us", "url": "mailto:help@example.com"},  # not a URL Telegram accepts
         ],
     }
-    row_id = await say(mayak, ws, channel, 150, message, "m1")
-    await mayak.drain()
-    [sent] = tg.calls_to("sendMessage")
+    row_id = await telegram.say(150, message, "m1")
+    await telegram.mayak.drain()
+    [sent] = telegram.tg.calls_to("sendMessage")
     assert sent.status == 200
     assert sent.params["chat_id"] == 150
     assert sent.params["text"] == "What would you like to do?\nCall us: mailto:help@example.com"
@@ -483,7 +352,7 @@ async def test_buttons_out_and_presses_back(
     assert len(buttons[1]["callback_data"].encode()) <= 64
     assert buttons[2]["callback_data"].startswith("~") and buttons[2]["callback_data"] != tilde
     assert buttons[3] == {"text": "Our website", "url": "https://shop.example.com/"}
-    [row] = await outbox_rows(mayak)
+    [row] = await telegram.outbox_rows()
     assert row["status"] == "sent"
 
     for title, payload in (
@@ -491,135 +360,106 @@ async def test_buttons_out_and_presses_back(
         ("Track my order", "track_order"),
         ("Tilde", tilde),
     ):
-        r = await tg.deliver(client, bot, tg.press_button(bot, 150, title))
+        r = await telegram.deliver(telegram.tg.press_button(telegram.bot, 150, title))
         assert r.status_code == 200
         assert r.json()["method"] == "answerCallbackQuery"
-        answered = tg.calls_to("answerCallbackQuery")[-1]
+        answered = telegram.tg.calls_to("answerCallbackQuery")[-1]
         assert answered.via == "webhook_reply" and answered.status == 200
-        event = (await logged(mayak, ws, "Button Clicked"))[-1]
+        event = (await telegram.logged("Button Clicked"))[-1]
         props = event["payload"]["properties"]
         assert (props["payload"], props["title"]) == (payload, title)
         assert "unresolved" not in props
-    customer = await customer_of(client, ws, "telegram:150")
-    assert {e["customer_id"] for e in await logged(mayak, ws)} == {customer["id"]}
+    customer = await telegram.customer("telegram:150")
+    assert {e["customer_id"] for e in await telegram.logged()} == {customer["id"]}
 
 
-async def test_unknown_callback_data_is_recorded(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    channel, bot = connected
+async def test_unknown_callback_data_is_recorded(telegram: Telegram) -> None:
     reference_elsewhere = "~" + "0" * 26 + ":abcdefgh"
     for data in ("something_old", reference_elsewhere, "~garbage", ""):
-        r = await tg.deliver(client, bot, tg.callback_update(bot, 160, data))
+        r = await telegram.deliver(telegram.tg.callback_update(telegram.bot, 160, data))
         assert r.status_code == 200 and r.json()["method"] == "answerCallbackQuery"
-    props = [e["payload"]["properties"] for e in await logged(mayak, ws, "Button Clicked")]
+    props = [e["payload"]["properties"] for e in await telegram.logged("Button Clicked")]
     assert [p["payload"] for p in props] == ["something_old", reference_elsewhere, "~garbage", ""]
     assert [p.get("unresolved", False) for p in props] == [False, True, True, False]
 
     # a reference to a message sent to another chat does not resolve for this one
-    await tg.deliver(client, bot, tg.message_update(bot, 161, "hi"))
-    await say(
-        mayak, ws, channel, 161, {"text": "x", "buttons": [{"title": "Long", "payload": "p" * 80}]}, "m2"
-    )
-    await mayak.drain()
-    data = tg.calls_to("sendMessage")[-1].params["reply_markup"]["inline_keyboard"][0][0]["callback_data"]
-    await tg.deliver(client, bot, tg.callback_update(bot, 160, data))
-    last = (await logged(mayak, ws, "Button Clicked"))[-1]["payload"]["properties"]
+    await telegram.message(161, "hi")
+    await telegram.say(161, {"text": "x", "buttons": [{"title": "Long", "payload": "p" * 80}]}, "m2")
+    await telegram.mayak.drain()
+    data = telegram.tg.calls_to("sendMessage")[-1].params["reply_markup"]["inline_keyboard"][0][0][
+        "callback_data"
+    ]
+    await telegram.deliver(telegram.tg.callback_update(telegram.bot, 160, data))
+    last = (await telegram.logged("Button Clicked"))[-1]["payload"]["properties"]
     assert last["payload"] == data and last["unresolved"] is True
 
 
 # -- delivery ----------------------------------------------------------------------------------
 
 
-async def test_long_messages_are_split(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 170, "hi"))
+async def test_long_messages_are_split(telegram: Telegram) -> None:
+    await telegram.message(170, "hi")
     words = " ".join(f"word{i}" for i in range(1000))[:5000]
-    await say(mayak, ws, channel, 170, {"text": words, "buttons": [{"title": "OK", "payload": "ok"}]}, "long")
-    await mayak.drain()  # rows without a customer have no order of their own
-    await say(mayak, ws, channel, 170, {"text": "😀" * 3000}, "emoji")  # 3,000 characters, 6,000 UTF-16 units
-    await mayak.drain()
-    calls = tg.calls_to("sendMessage")
+    await telegram.say(170, {"text": words, "buttons": [{"title": "OK", "payload": "ok"}]}, "long")
+    await telegram.mayak.drain()  # rows without a customer have no order of their own
+    await telegram.say(170, {"text": "😀" * 3000}, "emoji")  # 3,000 characters, 6,000 UTF-16 units
+    await telegram.mayak.drain()
+    calls = telegram.tg.calls_to("sendMessage")
     assert [c.status for c in calls] == [200, 200, 200, 200]
     assert "reply_markup" not in calls[0].params and "reply_markup" in calls[1].params
     assert (calls[0].params["text"] + " " + calls[1].params["text"]) == words
     assert calls[2].params["text"] + calls[3].params["text"] == "😀" * 3000
-    assert all(r["status"] == "sent" for r in await outbox_rows(mayak))
+    assert all(r["status"] == "sent" for r in await telegram.outbox_rows())
 
 
 @pytest.mark.contract
-async def test_retries_and_dead_letters(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 180, "hi"))
-    bot.chats.add(181)
-    bot.blocked.add(181)
+async def test_retries_and_dead_letters(telegram: Telegram) -> None:
+    await telegram.message(180, "hi")
+    telegram.bot.chats.add(181)
+    telegram.bot.blocked.add(181)
 
-    tg.fail("sendMessage", 500, "Internal Server Error")
-    flaky = await say(mayak, ws, channel, 180, {"text": "one"}, "flaky")
-    unknown = await say(mayak, ws, channel, 999, {"text": "two"}, "unknown-chat")
-    blocked = await say(mayak, ws, channel, 181, {"text": "three"}, "blocked")
-    await drain_retries(mayak)
-    status = {r["id"]: (r["status"], r["last_error"]) for r in await outbox_rows(mayak)}
+    telegram.tg.fail("sendMessage", 500, "Internal Server Error")
+    flaky = await telegram.say(180, {"text": "one"}, "flaky")
+    unknown = await telegram.say(999, {"text": "two"}, "unknown-chat")
+    blocked = await telegram.say(181, {"text": "three"}, "blocked")
+    await drain_retries(telegram.mayak)
+    status = {r["id"]: (r["status"], r["last_error"]) for r in await telegram.outbox_rows()}
     assert status[flaky] == ("sent", None)
-    assert [a[:2] for a in await attempts(mayak, flaky)] == [(1, 500), (2, 200)]
+    assert [a[:2] for a in await telegram.attempts(flaky)] == [(1, 500), (2, 200)]
     assert status[unknown] == ("dead", "Bad Request: chat not found")
-    assert await attempts(mayak, unknown) == [(1, 400, "Bad Request: chat not found")]
+    assert await telegram.attempts(unknown) == [(1, 400, "Bad Request: chat not found")]
     assert status[blocked] == ("dead", "Forbidden: bot was blocked by the user")
 
     # no answer at all (Telegram unreachable) is retried until the outbox gives up
-    tg.fail("sendMessage", 502, "Bad Gateway", times=10)
-    gone = await say(mayak, ws, channel, 180, {"text": "four"}, "gone")
-    await drain_retries(mayak)
-    assert [a[1] for a in await attempts(mayak, gone)] == [502, 502, 502]  # outbox_max_attempts = 3
-    assert {r["id"]: r["status"] for r in await outbox_rows(mayak)}[gone] == "dead"
+    telegram.tg.fail("sendMessage", 502, "Bad Gateway", times=10)
+    gone = await telegram.say(180, {"text": "four"}, "gone")
+    await drain_retries(telegram.mayak)
+    assert [a[1] for a in await telegram.attempts(gone)] == [502, 502, 502]  # outbox_max_attempts = 3
+    assert {r["id"]: r["status"] for r in await telegram.outbox_rows()}[gone] == "dead"
 
 
-async def test_flood_control(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-    adapter: TelegramAdapter,
-) -> None:
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 190, "hi"))
+async def test_flood_control(telegram: Telegram) -> None:
+    await telegram.message(190, "hi")
     slept: list[float] = []
 
     async def sleep(seconds: float) -> None:
         slept.append(seconds)
 
-    adapter.sleep = sleep
-    tg.fail("sendMessage", 429, "Too Many Requests: retry after 2", retry_after=2)
-    short = await say(mayak, ws, channel, 190, {"text": "short wait"}, "short")
-    await mayak.drain()
+    telegram.adapter.sleep = sleep
+    telegram.tg.fail("sendMessage", 429, "Too Many Requests: retry after 2", retry_after=2)
+    short = await telegram.say(190, {"text": "short wait"}, "short")
+    await telegram.mayak.drain()
     assert slept == [2.0]  # sat out inside the attempt
-    assert [a[:2] for a in await attempts(mayak, short)] == [(1, 200)]
+    assert [a[:2] for a in await telegram.attempts(short)] == [(1, 200)]
 
-    tg.fail("sendMessage", 429, "Too Many Requests: retry after 40", retry_after=40)
-    long = await say(mayak, ws, channel, 190, {"text": "long wait"}, "long")
-    assert await mayak.outbox.run_once() == 1  # one attempt: the wait is left to the outbox
-    [(number, code, error)] = await attempts(mayak, long)
+    telegram.tg.fail("sendMessage", 429, "Too Many Requests: retry after 40", retry_after=40)
+    long = await telegram.say(190, {"text": "long wait"}, "long")
+    assert await telegram.mayak.outbox.run_once() == 1  # one attempt: the wait is left to the outbox
+    [(number, code, error)] = await telegram.attempts(long)
     assert (number, code) == (1, 429) and error is not None and "retry after 40" in error
-    assert {r["id"]: r["status"] for r in await outbox_rows(mayak)}[long] == "failed"
-    await drain_retries(mayak)
-    assert {r["id"]: r["status"] for r in await outbox_rows(mayak)}[long] == "sent"
+    assert {r["id"]: r["status"] for r in await telegram.outbox_rows()}[long] == "failed"
+    await drain_retries(telegram.mayak)
+    assert {r["id"]: r["status"] for r in await telegram.outbox_rows()}[long] == "sent"
 
 
 # -- deep links --------------------------------------------------------------------------------
@@ -627,26 +467,19 @@ async def test_flood_control(
 
 @pytest.mark.contract
 @pytest.mark.both_modes
-async def test_a_deep_link_gives_the_chat_to_a_known_customer(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
-    _, bot = connected
+async def test_a_deep_link_gives_the_chat_to_a_known_customer(telegram: Telegram) -> None:
     # the chat wrote before: an anonymous Telegram profile
-    await tg.deliver(client, bot, tg.message_update(bot, 555, "hello?"))
-    r = await client.post(
-        "/v1/identify", json={"userId": "u-1", "traits": {"name": "Ann"}}, auth=write_auth(ws)
+    await telegram.message(555, "hello?")
+    r = await telegram.client.post(
+        "/v1/identify", json={"userId": "u-1", "traits": {"name": "Ann"}}, auth=write_auth(telegram.ws)
     )
     assert r.status_code == 200
-    await mayak.drain()
-    anonymous = await customer_of(client, ws, "telegram:555")
-    known = await customer_of(client, ws, "user_id:u-1")
+    await telegram.mayak.drain()
+    anonymous = await telegram.customer("telegram:555")
+    known = await telegram.customer("user_id:u-1")
     assert anonymous["id"] != known["id"]
 
-    r = await client.post(f"/v1/customers/{known['id']}/link_tokens", headers=admin(ws))
+    r = await telegram.client.post(f"/v1/customers/{known['id']}/link_tokens", headers=admin(telegram.ws))
     assert r.status_code == 201, r.text
     issued = r.json()
     token = issued["token"]
@@ -654,23 +487,23 @@ async def test_a_deep_link_gives_the_chat_to_a_known_customer(
     assert issued["links"] == {"telegram": f"https://t.me/mayak_test_bot?start={token}"}
     assert issued["customer_id"] == known["id"] and issued["expires_at"].endswith("Z")
 
-    start = tg.message_update(bot, 555, f"/start {token}")
-    assert (await tg.deliver(client, bot, start)).status_code == 200
-    assert (await tg.deliver(client, bot, start)).status_code == 200  # Telegram resends it
-    await mayak.drain()
+    start = telegram.tg.message_update(telegram.bot, 555, f"/start {token}")
+    assert (await telegram.deliver(start)).status_code == 200
+    assert (await telegram.deliver(start)).status_code == 200  # Telegram resends it
+    await telegram.mayak.drain()
 
-    owner = await customer_of(client, ws, "telegram:555")
+    owner = await telegram.customer("telegram:555")
     assert owner["id"] == known["id"]
     assert {(i["kind"], i["value"]) for i in owner["identities"]} == {("telegram", "555"), ("user_id", "u-1")}
     assert owner["merged_ids"] == [anonymous["id"]]
-    r = await client.get(f"/v1/customers/{anonymous['id']}", headers=admin(ws))
+    r = await telegram.client.get(f"/v1/customers/{anonymous['id']}", headers=admin(telegram.ws))
     assert r.json()["id"] == known["id"]  # merged into the known customer
-    r = await client.get(
-        f"/v1/customers/{known['id']}/events", params={"name": "Message Received"}, headers=admin(ws)
+    r = await telegram.client.get(
+        f"/v1/customers/{known['id']}/events", params={"name": "Message Received"}, headers=admin(telegram.ws)
     )
     texts = [e["payload"]["properties"]["text"] for e in r.json()["items"]]
     assert sorted(texts) == ["/start", "hello?"]  # the spent token is not kept in the log
-    linked = await logged(mayak, ws)
+    linked = await telegram.logged()
     assert [e["type"] for e in linked].count("identity.linked") == 1
     starts = [
         e
@@ -682,42 +515,35 @@ async def test_a_deep_link_gives_the_chat_to_a_known_customer(
     assert kinds.index("identity.linked") < len(kinds) - 1 - kinds[::-1].index("Message Received")
 
     # the token works once: another chat using it stays anonymous
-    await tg.deliver(client, bot, tg.message_update(bot, 556, f"/start {token}"))
-    await mayak.drain()
-    other = await customer_of(client, ws, "telegram:556")
+    await telegram.message(556, f"/start {token}")
+    await telegram.mayak.drain()
+    other = await telegram.customer("telegram:556")
     assert other["id"] != known["id"] and not other["identified"]
-    last = (await logged(mayak, ws, "Message Received"))[-1]["payload"]["properties"]
+    last = (await telegram.logged("Message Received"))[-1]["payload"]["properties"]
     assert last["link"] == "refused" and last["text"] == f"/start {token}"
 
 
-async def test_expired_and_unknown_start_parameters(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-) -> None:
+async def test_expired_and_unknown_start_parameters(telegram: Telegram) -> None:
     from mayak.channels import link_tokens
 
-    _, bot = connected
-    await client.post("/v1/identify", json={"userId": "u-2"}, auth=write_auth(ws))
-    await mayak.drain()
-    known = await customer_of(client, ws, "user_id:u-2")
+    await telegram.client.post("/v1/identify", json={"userId": "u-2"}, auth=write_auth(telegram.ws))
+    await telegram.mayak.drain()
+    known = await telegram.customer("user_id:u-2")
     old = await link_tokens.create_link_token(
-        mayak.db, ws["id"], known["id"], ttl_s=60, now=now_ms() - 120_000
+        telegram.mayak.db, telegram.ws["id"], known["id"], ttl_s=60, now=now_ms() - 120_000
     )
-    await tg.deliver(client, bot, tg.message_update(bot, 570, f"/start {old.token}"))
-    await tg.deliver(client, bot, tg.message_update(bot, 571, "/start promo_spring-2025"))
-    await tg.deliver(client, bot, tg.message_update(bot, 572, "/start@mayak_test_bot"))
-    await mayak.drain()
-    props = [e["payload"]["properties"] for e in await logged(mayak, ws, "Message Received")]
+    await telegram.message(570, f"/start {old.token}")
+    await telegram.message(571, "/start promo_spring-2025")
+    await telegram.message(572, "/start@mayak_test_bot")
+    await telegram.mayak.drain()
+    props = [e["payload"]["properties"] for e in await telegram.logged("Message Received")]
     assert [(p["text"], p.get("link")) for p in props] == [
         (f"/start {old.token}", "refused"),
         ("/start promo_spring-2025", None),
         ("/start@mayak_test_bot", None),
     ]
     for chat in (570, 571, 572):
-        assert (await customer_of(client, ws, f"telegram:{chat}"))["id"] != known["id"]
+        assert (await telegram.customer(f"telegram:{chat}"))["id"] != known["id"]
 
 
 async def test_link_token_route(

@@ -5,9 +5,6 @@ against the attempt limit. Against the Bot API emulator on a real socket; time i
 
 from __future__ import annotations
 
-from typing import Any
-
-import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -24,14 +21,12 @@ from mayak.delivery.outbox import (
     enqueue,
 )
 from mayak.metrics import Metrics
-from mayak.platform import Mayak
 from mayak.timeutil import now_ms
 from tests.backends import backend_db
 from tests.conftest import admin
-from tests.telegram_emulator import Bot, TelegramEmulator, telegram_server, tg
-from tests.test_telegram import adapter, attempts, connected, outbox_rows, say, settings
+from tests.telegram_fixtures import Telegram, settings, telegram, telegram_server, tg
 
-__all__ = ["adapter", "backend_db", "connected", "settings", "telegram_server", "tg"]  # fixtures
+__all__ = ["backend_db", "settings", "telegram", "telegram_server", "tg"]  # fixtures
 
 WAIT_S = 40  # over the adapter's 5 s in-attempt limit
 
@@ -46,10 +41,6 @@ def no_sleep(adapter: TelegramAdapter) -> list[float]:
     return slept
 
 
-async def row_of(mayak: Mayak, row_id: str) -> dict[str, Any]:
-    return next(r for r in await outbox_rows(mayak) if r["id"] == row_id)
-
-
 def test_a_429_carries_retry_after_in_milliseconds() -> None:
     flood = outcome_of(ApiResult(False, 429, description="Too Many Requests: retry after 40", retry_after=40))
     assert (flood.ok, flood.retryable, flood.retry_after_ms) == (False, True, 40_000)
@@ -58,72 +49,56 @@ def test_a_429_carries_retry_after_in_milliseconds() -> None:
     assert outcome_of(ApiResult(False, 500, description="Internal Server Error")).retry_after_ms is None
 
 
-async def test_the_next_attempt_waits_for_retry_after(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-    adapter: TelegramAdapter,
-) -> None:
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 300, "hi"))
-    await mayak.drain()
-    slept = no_sleep(adapter)
-    tg.fail("sendMessage", 429, f"Too Many Requests: retry after {WAIT_S}", retry_after=WAIT_S)
-    row_id = await say(mayak, ws, channel, 300, {"text": "after the wait"}, "flood")
+async def test_the_next_attempt_waits_for_retry_after(telegram: Telegram) -> None:
+    await telegram.hi(300)
+    slept = no_sleep(telegram.adapter)
+    telegram.tg.fail("sendMessage", 429, f"Too Many Requests: retry after {WAIT_S}", retry_after=WAIT_S)
+    row_id = await telegram.say(300, {"text": "after the wait"}, "flood")
 
     t0 = now_ms()
-    assert await mayak.outbox.run_once(now=t0) == 1
-    row = await row_of(mayak, row_id)
+    assert await telegram.mayak.outbox.run_once(now=t0) == 1
+    row = await telegram.row(row_id)
     # the backoff after a first failure is ~10 ms here (conftest): Telegram's 40 s wins
     assert (row["status"], row["attempts"], row["next_attempt_at"]) == ("failed", 1, t0 + WAIT_S * 1000)
     assert row["last_error"] == f"Too Many Requests: retry after {WAIT_S} (retry after {WAIT_S} s)"
 
-    assert await mayak.outbox.run_once(now=t0 + WAIT_S * 1000 - 1) == 0  # not due a millisecond early
-    assert [c.status for c in tg.calls_to("sendMessage", bot)] == [429]
+    assert (
+        await telegram.mayak.outbox.run_once(now=t0 + WAIT_S * 1000 - 1) == 0
+    )  # not due a millisecond early
+    assert [c.status for c in telegram.tg.calls_to("sendMessage", telegram.bot)] == [429]
 
-    assert await mayak.outbox.run_once(now=t0 + WAIT_S * 1000) == 1
-    assert (await row_of(mayak, row_id))["status"] == "sent"
-    assert [c.status for c in tg.calls_to("sendMessage", bot)] == [429, 200]
-    assert [m["text"] for m in bot.sent] == ["after the wait"]  # delivered once
+    assert await telegram.mayak.outbox.run_once(now=t0 + WAIT_S * 1000) == 1
+    assert (await telegram.row(row_id))["status"] == "sent"
+    assert [c.status for c in telegram.tg.calls_to("sendMessage", telegram.bot)] == [429, 200]
+    assert [m["text"] for m in telegram.bot.sent] == ["after the wait"]  # delivered once
     assert slept == []  # nothing was sat out inside the attempt
 
     # both attempts are recorded and visible through the API
-    assert [a[:2] for a in await attempts(mayak, row_id)] == [(1, 429), (2, 200)]
-    r = await client.get(f"/v1/deliveries/{row_id}/attempts", headers=admin(ws))
+    assert [a[:2] for a in await telegram.attempts(row_id)] == [(1, 429), (2, 200)]
+    r = await telegram.client.get(f"/v1/deliveries/{row_id}/attempts", headers=admin(telegram.ws))
     assert r.status_code == 200, r.text
     assert [(a["attempt"], a["status_code"]) for a in r.json()["items"]] == [(1, 429), (2, 200)]
 
 
-async def test_retry_after_still_counts_attempts_and_dead_letters(
-    client: httpx.AsyncClient,
-    mayak: Mayak,
-    ws: dict[str, Any],
-    tg: TelegramEmulator,
-    connected: tuple[dict[str, Any], Bot],
-    adapter: TelegramAdapter,
-) -> None:
-    channel, bot = connected
-    await tg.deliver(client, bot, tg.message_update(bot, 301, "hi"))
-    await mayak.drain()
-    no_sleep(adapter)
-    tg.fail("sendMessage", 429, "Too Many Requests", retry_after=WAIT_S, times=10)
-    row_id = await say(mayak, ws, channel, 301, {"text": "never"}, "flood-forever")
+async def test_retry_after_still_counts_attempts_and_dead_letters(telegram: Telegram) -> None:
+    await telegram.hi(301)
+    no_sleep(telegram.adapter)
+    telegram.tg.fail("sendMessage", 429, "Too Many Requests", retry_after=WAIT_S, times=10)
+    row_id = await telegram.say(301, {"text": "never"}, "flood-forever")
 
     at = now_ms()
     for number in (1, 2):
-        assert await mayak.outbox.run_once(now=at) == 1
-        row = await row_of(mayak, row_id)
+        assert await telegram.mayak.outbox.run_once(now=at) == 1
+        row = await telegram.row(row_id)
         assert (row["status"], row["attempts"]) == ("failed", number)
         assert row["next_attempt_at"] == at + WAIT_S * 1000
         at += WAIT_S * 1000
-    assert await mayak.outbox.run_once(now=at) == 1  # the third attempt is the last (conftest: 3)
-    row = await row_of(mayak, row_id)
+    assert await telegram.mayak.outbox.run_once(now=at) == 1  # the third attempt is the last (conftest: 3)
+    row = await telegram.row(row_id)
     assert (row["status"], row["attempts"]) == ("dead", 3)
-    assert await mayak.outbox.run_once(now=at + 10 * 3_600_000) == 0
-    assert [a[1] for a in await attempts(mayak, row_id)] == [429, 429, 429]
-    assert bot.sent == []
+    assert await telegram.mayak.outbox.run_once(now=at + 10 * 3_600_000) == 0
+    assert [a[1] for a in await telegram.attempts(row_id)] == [429, 429, 429]
+    assert telegram.bot.sent == []
 
 
 # -- the outbox's side, with a scripted handler -------------------------------------------------
