@@ -48,7 +48,7 @@ class IngestWriter:
         # Set by the platform when profiles are processed inline (see Pipeline.process_new).
         self.pipeline: Pipeline | None = None
         self._stored_for_lane = False  # the last group stored events for a lane to process
-        # Asked about events from these sources only (ingestion's hot path pays one set lookup).
+        # Asked about events from these sources only (ingestion pays one pass over a request's sources).
         self.enrichers: list[tuple[frozenset[str], Enricher]] = []
         # PostgreSQL: under load, how long a group may wait to fill up (see _fill).
         self.linger_s = GROUP_LINGER_S if db.dialect == "postgresql" else 0.0
