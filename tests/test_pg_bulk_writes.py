@@ -74,3 +74,33 @@ async def test_storage_errors_are_sqlalchemy_errors(mayak: Mayak, ws) -> None:
             insert = f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.values(3)})"
             await sql.run_many(conn, insert, [row, row])
     assert isinstance(caught.value.__cause__, IntegrityError)
+
+
+async def test_a_profile_update_leaves_the_indexed_merge_column_alone(client, mayak: Mayak, ws) -> None:
+    """SQLite rewrites an index whenever an UPDATE names one of its columns, even with the same value:
+    an ordinary event's profile update must not name merged_into; a merge must still move it."""
+    if mayak.db.dialect != "sqlite":
+        pytest.skip("SQLite's statement shape")
+    import gc
+    import sqlite3
+
+    await _batch(client, ws, [{"type": "identify", "userId": "u1", "traits": {"plan": "pro"}}])
+    await _batch(client, ws, [{"type": "track", "anonymousId": "a1", "event": "Viewed"}])
+    await mayak.drain()
+    updates: list[str] = []  # UPDATE customers statements
+    conns = [c for c in gc.get_objects() if isinstance(c, sqlite3.Connection)]
+    for conn in conns:
+        conn.set_trace_callback(lambda sql: sql.startswith("UPDATE customers ") and updates.append(sql))
+    try:
+        await _batch(client, ws, [{"type": "track", "userId": "u1", "event": "Viewed"}])
+        await mayak.drain()
+        assert updates and not any("merged_into" in sql for sql in updates)
+        updates.clear()
+        await _batch(client, ws, [{"type": "alias", "userId": "u1", "previousId": "a1"}])
+        await mayak.drain()
+        assert any("merged_into" in sql for sql in updates)
+    finally:
+        for conn in conns:
+            conn.set_trace_callback(None)
+    r = await client.get("/v1/customers", params={"identity": "anonymous_id:a1"}, headers=admin(ws))
+    assert r.status_code == 200, r.text

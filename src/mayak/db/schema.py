@@ -96,8 +96,9 @@ customers = sa.Table(
     sa.Column("created_at", Ms, nullable=False),
     sa.Column("updated_at", Ms, nullable=False),
     sa.Index("ix_customers_ws_id", "workspace_id", "id"),
-    sa.Index("ix_customers_ws_last_seen", "workspace_id", "last_seen"),
+    # No index on last_seen: every event moves it (see migration 0005).
     sa.Index("ix_customers_merged_into", "workspace_id", "merged_into"),
+    postgresql_with={"fillfactor": 80},  # room on each page for heap-only (HOT) updates
 )
 
 identities = sa.Table(

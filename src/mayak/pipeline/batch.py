@@ -355,7 +355,11 @@ class ProfileBatch:
         if sql.pg:
             await self._write_profiles_pg()
             return
-        new_rows, changed_rows = [], []
+        # SQLite rewrites an index whenever an UPDATE sets one of its columns, even to the same
+        # value, so merged_into (indexed) is set only on the rows whose merge target moved.
+        new_rows: list[tuple[Any, ...]] = []
+        moved_rows: list[tuple[Any, ...]] = []
+        changed_rows: list[tuple[Any, ...]] = []
         for profile in self.profiles.values():
             if profile.merged_into and profile.id in self.parent:
                 profile.merged_into = self.find(profile.id)
@@ -363,7 +367,10 @@ class ProfileBatch:
                 new_rows.append((ws, *profile.to_tuple(self.now)))
             elif profile.dirty:
                 values = profile.to_tuple(self.now)
-                changed_rows.append((*values[1:], values[0]))
+                if profile.merged_into != profile.stored_merged_into:
+                    moved_rows.append((*values[1:], values[0]))
+                else:
+                    changed_rows.append((*values[2:], values[0]))
         if new_rows:
             await sql.run_many(
                 conn,
@@ -371,15 +378,11 @@ class ProfileBatch:
                 f"({sql.values(len(new_rows[0]), [i + 1 for i in JSON_POSITIONS])})",
                 new_rows,
             )
-        if changed_rows:
-            names = PROFILE_COLUMNS.split(", ")[1:]
-            assignments = ", ".join(
-                f"{name} = {sql.p(i + 1)}" + ("::jsonb" if sql.pg and i + 1 in JSON_POSITIONS else "")
-                for i, name in enumerate(names)
-            )
-            await sql.run_many(
-                conn, f"UPDATE customers SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed_rows
-            )
+        names = PROFILE_COLUMNS.split(", ")
+        for rows, columns in ((moved_rows, names[1:]), (changed_rows, names[2:])):
+            if rows:
+                assignments = ", ".join(f"{name} = ?" for name in columns)
+                await sql.run_many(conn, f"UPDATE customers SET {assignments} WHERE id = ?", rows)
 
     async def _write_profiles_pg(self) -> None:
         """PostgreSQL: new profiles in one INSERT over column arrays, changed ones row by row; a JSON

@@ -49,6 +49,7 @@ class Profile:
         "last_seen",
         "merged_into",
         "new",
+        "stored_merged_into",
         "stage",
         "stage_at",
     )
@@ -79,6 +80,7 @@ class Profile:
         self.first_seen = first_seen
         self.last_seen = last_seen
         self.merged_into = merged_into
+        self.stored_merged_into = merged_into  # as read: an update sets the column only if it moved
         self.new = new
         self.dirty = dirty
 
