@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql, _raw
-from mayak.db.schema import outbox
+from mayak.db.schema import outbox, outbox_attempts
 from mayak.delivery.outbox import (
     IN_FLIGHT,
     PENDING,
@@ -278,6 +278,126 @@ async def test_births_are_bounded(backend_db: Database) -> None:
         assert sorted(r["status"] for r in state.values()) == [IN_FLIGHT] * 2 + [PENDING] * 3
         receiver.gate.set()
         await until(lambda: _all_sent(db))
+
+
+# -- instant pushes ----------------------------------------------------------------------------------
+
+
+def instant_when(running: Running, keys: set[str] | None = None) -> None:
+    """Make rows of kind ``test`` instant pushes (all, or those whose key is in ``keys``)."""
+
+    async def check(it: OutboxItem) -> bool:
+        return keys is None or it.idempotency_key in keys
+
+    running.d.instant("test", check)
+
+
+async def attempts_of(db: Database) -> list[tuple[str, int, str | None]]:
+    async with db.read() as conn:
+        result = await conn.execute(
+            sa.select(outbox.c.idempotency_key, outbox_attempts.c.attempt, outbox_attempts.c.error)
+            .join(outbox, outbox.c.id == outbox_attempts.c.outbox_id)
+            .order_by(outbox_attempts.c.id)
+        )
+        return [tuple(r) for r in result]  # type: ignore[misc]
+
+
+async def test_an_instant_push_is_recorded_sent_with_its_row_and_pushed_after_the_commit(
+    backend_db: Database,
+) -> None:
+    db = backend_db
+    receiver = Receiver()
+    running = Running(db, receiver)
+    instant_when(running)
+    async with running:
+        async with db.write() as conn:
+            assert await enqueue(db, conn, [item("a"), item("a2"), item("b", customer="cus_b")]) == 3
+            await asyncio.sleep(0.05)
+            assert receiver.seen == []  # not before the commit
+        state = await rows(db)
+        assert {k: (r["status"], r["attempts"], r["lease_until"]) for k, r in state.items()} == {
+            "a": ("sent", 1, None),
+            "a2": ("sent", 1, None),  # a sent row does not hold its lane
+            "b": ("sent", 1, None),
+        }
+        assert sorted(await attempts_of(db)) == [("a", 1, None), ("a2", 1, None), ("b", 1, None)]
+        await until(lambda: _true(len(receiver.seen) == 3))
+    assert [k for k, _ in receiver.seen] == ["a", "a2", "b"]
+    assert receiver.seen[0] == ("a", state["a"]["id"])
+    assert running.claims == 0
+    assert len(await attempts_of(db)) == 3  # no second record of the same attempt
+
+
+async def test_a_rolled_back_instant_push_pushes_nothing(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    running = Running(db, receiver)
+    instant_when(running)
+    async with running:
+        with pytest.raises(RuntimeError):
+            async with db.write() as conn:
+                await enqueue(db, conn, [item("a")])
+                raise RuntimeError("the pipeline's transaction fails")
+        await asyncio.sleep(0.1)
+    assert receiver.seen == []
+    assert await rows(db) == {} and await attempts_of(db) == []
+
+
+async def test_instant_pushes_keep_their_lane_order_across_transactions(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    running = Running(db, receiver)
+    instant_when(running)
+    async with running:
+        for i in range(20):
+            async with db.write() as conn:
+                await enqueue(db, conn, [item(f"k{i:02}"), item(f"j{i:02}")])
+        await until(lambda: _true(len(receiver.seen) == 40))
+    assert [k for k, _ in receiver.seen] == [f"{p}{i:02}" for i in range(20) for p in "kj"]
+
+
+async def test_an_instant_row_waits_behind_an_undelivered_row_of_its_lane(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    receiver.gate = asyncio.Event()
+    running = Running(db, receiver)
+    instant_when(running, {"a2", "a3", "b2"})
+    running.d.max_born = 1
+    async with running:
+        async with db.write() as conn:
+            # a1: born (in flight); b1: no room left, pending; each holds its lane in this batch
+            await enqueue(db, conn, [item("a1"), item("b1", customer="cus_b"), item("b2", customer="cus_b")])
+        async with db.write() as conn:  # a later transaction: a1 is still in flight
+            await enqueue(db, conn, [item("a2")])
+        state = await rows(db)
+        assert state["a1"]["status"] == IN_FLIGHT
+        assert state["b1"]["status"] in (PENDING, IN_FLIGHT)  # claimed the ordinary way meanwhile
+        assert state["b2"]["status"] == PENDING
+        assert state["a2"]["status"] == PENDING and state["a2"]["attempts"] == 0
+        receiver.gate.set()
+        await until(lambda: _all_sent(db))
+        async with db.write() as conn:  # the lane is free again
+            await enqueue(db, conn, [item("a3")])
+        assert (await rows(db))["a3"]["status"] == "sent"
+        await until(lambda: _true(len(receiver.seen) == 5))
+    assert [k for k, _ in receiver.seen if k.startswith("a")] == ["a1", "a2", "a3"]
+    assert [k for k, _ in receiver.seen if k.startswith("b")] == ["b1", "b2"]
+
+
+async def test_a_failed_instant_push_is_logged_not_retried(backend_db: Database) -> None:
+    db = backend_db
+    receiver = Receiver()
+    receiver.fail.add("a")
+    running = Running(db, receiver)
+    instant_when(running)
+    async with running:
+        async with db.write() as conn:
+            await enqueue(db, conn, [item("a")])
+        await until(lambda: _true(len(receiver.seen) == 1))
+        await asyncio.sleep(0.05)
+    assert [k for k, _ in receiver.seen] == ["a"]
+    assert (await rows(db))["a"]["status"] == "sent"
+    assert running.d.metrics.outbox_failed.labels("test")._value.get() == 1
 
 
 # -- watching a transaction's appends ---------------------------------------------------------------

@@ -22,7 +22,7 @@ from websockets.typing import Origin
 from mayak.api.app import create_app
 from mayak.channels import user_tokens
 from mayak.channels.webchat import CLOSE_GONE, TokenBucket, adapter_of, origin_allowed
-from mayak.db.schema import events, outbox
+from mayak.db.schema import events, outbox, outbox_attempts
 from mayak.delivery.outbox import OutboxItem, enqueue
 from mayak.eventlog import NewEvent, append
 from mayak.platform import Mayak
@@ -518,6 +518,38 @@ async def test_a_visitor_who_is_not_connected_still_counts_as_delivered(live: Li
             await conn.execute(sa.select(outbox.c.status).where(outbox.c.idempotency_key == "m-offline"))
         ).scalar_one()
     assert status == "sent"
+
+
+async def test_with_the_dispatcher_running_a_push_is_recorded_sent_with_its_row(live: Live) -> None:
+    """The in-process bus: the row is written sent (its one attempt too) and pushed after the
+    commit, with no claim and no second write."""
+    visitor = str(uuid.uuid4())
+    sock, _ = await live.open(visitor)
+    await say(sock, "hello")
+    customer = await _customer_of(live.mayak, live.ws["id"], visitor)
+    dispatcher = live.mayak.outbox
+    stop = asyncio.Event()
+    task = asyncio.create_task(dispatcher.run_forever(stop))
+    try:
+        while not dispatcher.accepts_births():
+            await asyncio.sleep(0.01)
+        await _enqueue_message(live, customer, visitor, "m-instant", {"text": "Right away"})
+        async with live.mayak.db.read() as conn:
+            row = (
+                await conn.execute(sa.select(outbox).where(outbox.c.idempotency_key == "m-instant"))
+            ).one()
+            attempts = (
+                await conn.execute(sa.select(outbox_attempts).where(outbox_attempts.c.outbox_id == row.id))
+            ).all()
+        assert (row.status, row.attempts, row.lease_until) == ("sent", 1, None)
+        assert [(a.attempt, a.error) for a in attempts] == [(1, None)]
+        frame = await recv(sock)  # no drain: pushed right after the commit
+        assert frame["type"] == "message" and frame["text"] == "Right away" and frame["id"] == f"{row.id}.0"
+    finally:
+        stop.set()
+        dispatcher._wake.set()
+        await asyncio.wait_for(task, 5)
+    await sock.close()
 
 
 async def test_history_on_reconnect(live: Live, mayak: Mayak) -> None:

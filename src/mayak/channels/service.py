@@ -17,7 +17,7 @@ import structlog
 from mayak.channels.base import MESSAGE_KIND, ChannelAdapter, ChannelRecord, OutboundMessage, fit
 from mayak.db.database import Database
 from mayak.db.schema import bots, channels
-from mayak.delivery.outbox import DeliveryOutcome, OutboxRow
+from mayak.delivery.outbox import DeliveryOutcome, OutboxItem, OutboxRow
 from mayak.errors import InvalidRequest, NotFound
 from mayak.ids import new_id
 from mayak.timeutil import ms_to_rfc3339, now_ms
@@ -203,6 +203,21 @@ class ChannelService:
                 )
             ).first()
         return None if row is None else await self.record(ws_id, row[0])
+
+    async def instant(self, item: OutboxItem) -> bool:
+        """Whether the outbox may treat a ``message`` item as an instant push (recorded sent when
+        written, pushed after the commit: ``OutboxDispatcher.instant``): its channel is active and
+        its adapter says its sends cannot fail and reach only what a crash of this process closes
+        anyway (``instant_push``: the web chat on the in-process bus)."""
+        channel_id = item.payload.get("channel_id")
+        if not isinstance(channel_id, str):
+            return False
+        try:
+            channel = await self.record(item.workspace_id, channel_id)
+        except NotFound:
+            return False
+        adapter = self.adapters.get(channel.type)
+        return channel.status == "active" and bool(getattr(adapter, "instant_push", False))
 
     async def deliver(self, row: OutboxRow) -> DeliveryOutcome:
         """Outbox handler for kind ``message``: payload ``{channel_id, address, message}``."""

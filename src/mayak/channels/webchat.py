@@ -35,8 +35,9 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.websockets import WebSocket
 
+from mayak.bus import LocalBus
 from mayak.channels import user_tokens
-from mayak.channels.base import Button, Capabilities, ChannelRecord, OutboundMessage, fit
+from mayak.channels.base import MESSAGE_KIND, Button, Capabilities, ChannelRecord, OutboundMessage, fit
 from mayak.channels.events import INBOUND_NAMES, MAX_TEXT, inbound_event
 from mayak.db.schema import customers, events, identities
 from mayak.delivery.outbox import DeliveryOutcome
@@ -334,6 +335,15 @@ class WebChatAdapter:
         self.rate_capacity: float = RATE_CAPACITY
         self.rate_per_s = RATE_PER_S
         self._secrets: dict[str, tuple[float, str]] = {}
+
+    @property
+    def instant_push(self) -> bool:
+        """Sends never fail, and on the in-process bus every socket they could reach lives in this
+        process: a crash that loses a push after the commit closes those sockets too, and the next
+        connection's history shows the message. The outbox then records the row as sent when it is
+        written and pushes right after the commit (``OutboxDispatcher.instant``). Across processes
+        (NATS, PostgreSQL bus) rows take the ordinary way."""
+        return isinstance(self.mayak.bus, LocalBus)
 
     # -- ChannelAdapter ------------------------------------------------------------------------
 
@@ -791,3 +801,4 @@ def install(mayak: Mayak) -> None:
     mayak.bus.subscribe(TYPE, adapter.hub.push)  # frames other processes publish for our sockets
     mayak.bus.subscribe(CLOSE_KIND, adapter._closed_elsewhere)  # a channel deleted in another process
     mayak.channels.register(adapter)
+    mayak.outbox.instant(MESSAGE_KIND, mayak.channels.instant)

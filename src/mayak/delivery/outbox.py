@@ -36,6 +36,7 @@ first step not done instead of repeating the earlier ones.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import random
@@ -83,6 +84,7 @@ IDLE_POLL_S = 0.2
 CLAIM_INTERVAL_S = 0.02
 ERROR_PAUSE_S = 1.0  # after a failed loop iteration (the database is down, say)
 ERROR_CHARS = 2000
+PUSH_FLUSH_S = 2.0  # on stop: how long committed instant pushes may take to go out
 
 
 # -- enqueue -----------------------------------------------------------------------------------
@@ -136,9 +138,9 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
         return 0
     now = now_ms()
     ids = monotonic_ids("obx", len(batch), now)
-    born = await _births(db, conn, batch, now)
+    born, instant = await _births(db, conn, batch, now)
     lease = 0
-    adopter = _ADOPTERS.get(db) if born else None
+    adopter = _ADOPTERS.get(db) if born or instant else None
     if adopter is not None:
         lease = now + adopter.lease_ms
     rows = [
@@ -150,8 +152,8 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
             item.target,
             orjson.dumps(item.payload).decode(),
             item.idempotency_key,
-            IN_FLIGHT if i in born else PENDING,
-            0,
+            SENT if i in instant else IN_FLIGHT if i in born else PENDING,
+            1 if i in instant else 0,
             now if item.not_before is None else item.not_before,
             lease if i in born else None,
             None,
@@ -174,6 +176,33 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
         )
         inserted.update(r[0] for r in result)
     if adopter is not None:
+        pushed = [
+            OutboxRow(
+                id=row[0],
+                workspace_id=row[1],
+                customer_id=row[2],
+                kind=row[3],
+                target=row[4],
+                payload=_payload(row[5]),
+                idempotency_key=row[6],
+                attempts=0,
+                created_at=now,
+            )
+            for i, row in enumerate(rows)
+            if i in instant and row[0] in inserted
+        ]
+        if pushed:
+            # the attempt is recorded with the row: it is done once the transaction commits
+            await sql.run_many(
+                conn,
+                "INSERT INTO outbox_attempts (id, outbox_id, workspace_id, attempt, at, status_code, error, "
+                f"duration_ms) VALUES ({sql.values(8)})",
+                [
+                    (attempt_id, row.id, row.workspace_id, 1, now, None, None, 0)
+                    for row, attempt_id in zip(pushed, new_ids("oba", len(pushed)), strict=True)
+                ],
+            )
+            db.after_commit(conn, lambda: adopter.push(pushed))
         claimed = [
             _Claimed(
                 OutboxRow(
@@ -199,11 +228,15 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
     return len(inserted)
 
 
-async def _births(db: Database, conn: AsyncConnection, batch: list[OutboxItem], now: int) -> set[int]:
-    """Indexes of the items to insert claimed (see ``enqueue``); empty when no dispatcher adopts."""
+async def _births(
+    db: Database, conn: AsyncConnection, batch: list[OutboxItem], now: int
+) -> tuple[set[int], set[int]]:
+    """Indexes of the items to insert claimed, and of those to insert sent (a push this process
+    makes right after the commit, see ``OutboxDispatcher.instant``); both empty when no dispatcher
+    adopts (see ``enqueue``)."""
     adopter = _ADOPTERS.get(db)
     if adopter is None or not adopter.accepts_births() or conn.info.get(AFTER_COMMIT) is None:
-        return set()
+        return set(), set()
     kinds = adopter.kinds
     candidates = [
         i
@@ -211,7 +244,7 @@ async def _births(db: Database, conn: AsyncConnection, batch: list[OutboxItem], 
         if item.kind in kinds and (item.not_before is None or item.not_before <= now)
     ]
     if not candidates:
-        return set()
+        return set(), set()
     sql = FastSql(db.dialect)
     busy: set[tuple[str, str | None, str | None]] = set()
     by_ws: dict[str, set[str]] = {}
@@ -228,18 +261,26 @@ async def _births(db: Database, conn: AsyncConnection, batch: list[OutboxItem], 
         )
         busy.update((ws_id, customer_id, target) for customer_id, target in rows)
     born: set[int] = set()
+    instant: set[int] = set()
     room = adopter.birth_room()
-    for i in candidates:
-        if len(born) >= room:
-            break
-        item = batch[i]
-        if item.customer_id is not None:
-            lane = (item.workspace_id, item.customer_id, item.target)
-            if lane in busy:
+    eligible = set(candidates)
+    for i, item in enumerate(batch):
+        lane = (item.workspace_id, item.customer_id, item.target) if item.customer_id is not None else None
+        if lane is not None and lane in busy:
+            continue
+        if i in eligible:
+            check = adopter.instant_checks.get(item.kind)
+            if check is not None and await check(item):
+                instant.add(i)  # sent at commit: the lane's next row may go too
                 continue
-            busy.add(lane)  # the lane's later rows in this batch wait for this one
-        born.add(i)
-    return born
+            if len(born) < room:
+                born.add(i)
+                if lane is not None:
+                    busy.add(lane)  # the lane's later rows in this batch wait for this one
+                continue
+        if lane is not None:
+            busy.add(lane)  # pending: the lane's later rows in this batch queue behind it
+    return born, instant
 
 
 # -- delivery ----------------------------------------------------------------------------------
@@ -280,6 +321,8 @@ class DeliveryOutcome:
 
 
 Handler = Callable[[OutboxRow], Awaitable[DeliveryOutcome]]
+# Says whether an item can be delivered as an instant push (see ``OutboxDispatcher.instant``).
+InstantCheck = Callable[[OutboxItem], Awaitable[bool]]
 
 
 class Steps:
@@ -433,6 +476,9 @@ class OutboxDispatcher:
         self._wake = asyncio.Event()
         self.sql = FastSql(db.dialect)
         self._born: set[asyncio.Task[None]] = set()  # deliveries of rows claimed at birth
+        self.instant_checks: dict[str, InstantCheck] = {}
+        self._pushes: collections.deque[OutboxRow] = collections.deque()  # sent at birth, to push
+        self._pusher: asyncio.Task[None] | None = None
         self._adopting = False
         self._backlog = True  # claimable rows may exist (cleared by a claim that finds none)
         self.max_born = max(256, concurrency * 8)
@@ -487,6 +533,51 @@ class OutboxDispatcher:
         self._handlers[kind] = handler
         self._claim_query = None  # rebuilt with the new kind on the next claim
 
+    def instant(self, kind: str, check: InstantCheck) -> None:
+        """Rows of ``kind`` for which ``check`` says yes are *instant pushes*: inserted ``sent``,
+        with their one attempt recorded, in the transaction that creates them, and handed to the
+        kind's handler right after the commit, in commit order, never retried.
+
+        Only for deliveries that cannot fail and whose loss in a crash loses nothing more than the
+        crash itself does: the web chat's push to sockets that live in this process (a crash closes
+        them; the message is in the log and the next connection's history). It saves the claim, the
+        result's write and its transaction. Like a birth, it needs this dispatcher running and the
+        lane free (nothing older undelivered); otherwise the row takes the ordinary way.
+        """
+        self.instant_checks[kind] = check
+
+    def push(self, rows: list[OutboxRow]) -> None:
+        """Instant pushes were committed (as sent): hand them to their handler now."""
+        if self._adopting:
+            # next loop turn, as births: the ack of the message that caused them goes out first
+            asyncio.get_running_loop().call_soon(self._queue_pushes, rows)
+
+    def _queue_pushes(self, rows: list[OutboxRow]) -> None:
+        if not self._adopting:
+            return  # stopping: the rows are in the log (what a crash here would leave too)
+        self._pushes.extend(rows)
+        if self._pusher is None or self._pusher.done():
+            self._pusher = asyncio.create_task(self._run_pushes(), name="mayak-outbox-push")
+
+    async def _run_pushes(self) -> None:
+        """One after another, so one lane's pushes keep their order across transactions."""
+        while self._pushes:
+            row = self._pushes.popleft()
+            handler = self._handlers.get(row.kind)
+            try:
+                outcome = (
+                    await handler(row)
+                    if handler is not None
+                    else DeliveryOutcome(False, error=f"no handler for {row.kind}")
+                )
+            except Exception as exc:
+                outcome = DeliveryOutcome(False, None, f"{type(exc).__name__}: {exc}"[:ERROR_CHARS])
+            if outcome.ok:
+                self.metrics.outbox_delivered.labels(row.kind).inc()
+            else:  # recorded as sent already: say so in the log, not in the row
+                self.metrics.outbox_failed.labels(row.kind).inc()
+                log.warning("outbox_push_failed", row_id=row.id, kind=row.kind, error=outcome.error)
+
     # -- entry points --------------------------------------------------------------------------
 
     async def run_once(self, now: int | None = None) -> int:
@@ -498,6 +589,8 @@ class OutboxDispatcher:
         if not self._handlers:
             return 0
         born = list(self._born)
+        if self._pusher is not None and not self._pusher.done():
+            born.append(self._pusher)
         if born:  # deliveries of rows claimed at birth count as this round's work
             await asyncio.gather(*born, return_exceptions=True)
         claimed = await self._claim(_clock(now), self.batch_size)
@@ -574,6 +667,10 @@ class OutboxDispatcher:
             for task in pending:
                 task.cancel()  # unrecorded rows come back when their lease expires
             await asyncio.gather(*pending, return_exceptions=True)
+            pusher = self._pusher
+            if pusher is not None and not pusher.done():  # committed pushes: let them out
+                await asyncio.wait({pusher}, timeout=PUSH_FLUSH_S)
+                pusher.cancel()
 
     async def depth(self) -> int:
         """Rows not yet delivered nor dead (pending, in flight, or failed and waiting to retry)."""
