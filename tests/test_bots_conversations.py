@@ -209,6 +209,31 @@ async def test_booking_calls_the_dms_and_records_everything(bot: Setup) -> None:
     assert sum(1 for k in kinds if k[0] == "message.outbound") == len(bot.chat.sent)
 
 
+async def test_a_replay_takes_no_input_twice(bot: Setup) -> None:
+    """Turn records carry no dedup keys: a replay of the log must not run a turn again."""
+    await book_with_phone(bot, "+7 916 123 45 67")
+    before = await bot.conversation()
+
+    async def records() -> list[tuple[str, str]]:
+        r = await bot.client.get(
+            f"/v1/customers/{before['customer_id']}/events?limit=200", headers=admin(bot.ws)
+        )
+        return sorted((e["type"], e["id"]) for e in r.json()["items"] if e["source"] == "bot")
+
+    recorded = await records()
+    assert sum(1 for kind, _ in recorded if kind == "conversation.turn") >= 6
+    sent, calls = len(bot.chat.sent), len(bot.dms.calls)
+    await bot.mayak.customers.replay(bot.ws["id"])
+    await bot.mayak.drain()
+    after = await bot.conversation()
+    assert after["customer_id"] == before["customer_id"]  # the same id, rebuilt from the log
+    assert (after["flow"], after["step"], after["slots"]) == (before["flow"], before["step"], before["slots"])
+    assert await records() == recorded
+    assert (len(bot.chat.sent), len(bot.dms.calls)) == (sent, calls)
+    await bot.say(payload="book_service", title="Book a service visit")  # and it goes on from there
+    assert len(bot.chat.sent) == sent + 1
+
+
 async def test_integration_failure_takes_the_error_branch(bot: Setup) -> None:
     bot.dms.fail = True
     await bot.say("is my car ready?")

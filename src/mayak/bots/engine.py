@@ -53,6 +53,7 @@ class State:
     language: str | None = None
     event: dict[str, Any] = field(default_factory=dict)  # the event that started a proactive flow
     serial: int = 0  # counts effects, for deterministic ids
+    seq: int = 0  # the log position of the last input the conversation took (see the bot router)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}

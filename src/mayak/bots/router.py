@@ -4,8 +4,9 @@ For each processed event that concerns a bot (a customer's message or button, an
 answer, a bot timer, an operator's action, a business event that triggers a flow or ends a wait)
 it loads the customer's conversation, runs one ``Turn`` of the engine, and writes what the turn
 decided: the conversation row, outbox rows for messages and calls, derived events, timers. All of it
-commits with the pipeline's cursor, and every key derives from the cause event's id, so a batch
-processed twice (after a crash) writes nothing twice.
+commits with the pipeline's cursor (a crash loses it together with the cursor's move), and a
+conversation remembers the ``seq`` of the last input it took and skips one at or before it (a replay
+of the log runs no turn again); outbox keys and timer keys also derive from the cause event's id.
 
 Versions: a conversation runs on the version it started its flow on. When it is idle (no flow), the
 next input starts on the bot's current version: the **safe point** between flows. If its version has
@@ -413,12 +414,15 @@ class _Run:
         else:
             assert ev.customer_id is not None
             conv = self._conversation(ev.customer_id, item.bot_id, ev.received_at, ev.id)
+        if ev.seq <= conv.state.seq:
+            return  # taken already: the log is read again (a replay); its records are in the log
         customer = self.customers.get(conv.customer_id)
         if customer is None:
             return
         bot = await self._bot_for(conv)
         if bot is None:
             return
+        conv.state.seq = ev.seq  # saved only with what the input changed (see ``dirty``)
         if item.channel_id:
             conv.channel_id, conv.address = item.channel_id, item.address
         channel_type = await self._channel_type(conv)
@@ -560,7 +564,7 @@ class _Run:
                 )
             else:
                 body["undeliverable"] = "no_channel"
-            self._event(conv, "message.outbound", body, key, source=source)
+            self._event(conv, "message.outbound", body, None, source=source)
         for i, call in enumerate(fx.calls):
             self.outbox.append(
                 OutboxItem(
@@ -609,17 +613,21 @@ class _Run:
             elif fx.status == STATUS_HUMAN and conv.handoff_at is None:
                 conv.handoff_at = ev.received_at
         summary = fx.summary | {"bot_id": conv.bot_id, "version": conv.version, "cause_event_id": ev.id}
-        self._event(conv, "conversation.turn", summary, f"turn:{base}")
+        self._event(conv, "conversation.turn", summary, None)
 
     def _event(
         self,
         conv: _Conv,
         etype: str,
         payload: dict[str, Any],
-        key: str,
+        key: str | None,
         *,
         source: str = "bot",
     ) -> None:
+        """A record of the turn, appended with its cause's transaction. Without ``key`` it takes no
+        dedup key: the cause's input is taken once (the pipeline's cursor commits with it, and a
+        replay skips an input the conversation has taken, see ``turn``), so a turn's records cannot
+        repeat, and a dedup key per message and per turn only cost two index writes."""
         self.events.append(
             NewEvent(
                 workspace_id=self.ws,
@@ -629,7 +637,7 @@ class _Run:
                 source=source,
                 actor=conv.bot_id,
                 customer_id=conv.customer_id,
-                dedup_key=key[:300],
+                dedup_key=None if key is None else key[:300],
                 payload=payload | {"conversation_id": conv.id},
             )
         )
