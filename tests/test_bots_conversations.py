@@ -551,3 +551,28 @@ async def test_a_turn_reads_the_customer_the_pipeline_just_wrote(
     assert "Which car" in bot.chat.texts()[-1]
     # one read of the customer for the whole turn: the profile batch's, which the router reuses
     assert sum("FROM customers" in q for q in queries) == 1, queries
+
+
+async def test_a_turn_names_the_indexed_conversation_columns_only_when_they_change(
+    bot: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite rewrites every index whose column an UPDATE names: a plain turn names none."""
+    from mayak.db.fastsql import FastSql
+
+    await bot.say("/start")
+    updates: list[str] = []
+    run_many = FastSql.run_many
+
+    async def counting(self: FastSql, conn: Any, sql: str, rows: Any) -> Any:
+        if sql.startswith("UPDATE conversations"):
+            updates.append(sql)
+        return await run_many(self, conn, sql, rows)
+
+    monkeypatch.setattr(FastSql, "run_many", counting)
+    await bot.say(payload="book_service", title="Book a service visit")
+    assert len(updates) == 1 and "status" not in updates[0] and "customer_id" not in updates[0]
+    assert "state" in updates[0]
+    updates.clear()
+    await bot.say(payload="operator", title="Talk to a person")  # a handoff: the status changes
+    assert any("status" in u for u in updates), updates
+    assert (await bot.conversation())["status"] == "waiting_human"

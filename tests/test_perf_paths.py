@@ -275,9 +275,11 @@ async def test_births_are_bounded(backend_db: Database) -> None:
         async with db.write() as conn:
             await enqueue(db, conn, [item(f"k{i}", customer=f"cus_{i}") for i in range(5)])
         state = await rows(db)
-        assert sorted(r["status"] for r in state.values()) == [IN_FLIGHT] * 2 + [PENDING] * 3
+        # two born in flight; the claim loop, woken by the commit, may have claimed the others already
+        assert [r["status"] for r in state.values()].count(IN_FLIGHT) >= 2
         receiver.gate.set()
         await until(lambda: _all_sent(db))
+    assert running.claims == 3  # the three not born went the ordinary way
 
 
 # -- instant pushes ----------------------------------------------------------------------------------

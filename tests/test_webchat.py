@@ -535,9 +535,7 @@ async def test_with_the_dispatcher_running_a_push_is_recorded_sent_with_its_row(
             await asyncio.sleep(0.01)
         await _enqueue_message(live, customer, visitor, "m-instant", {"text": "Right away"})
         async with live.mayak.db.read() as conn:
-            row = (
-                await conn.execute(sa.select(outbox).where(outbox.c.idempotency_key == "m-instant"))
-            ).one()
+            row = (await conn.execute(sa.select(outbox).where(outbox.c.idempotency_key == "m-instant"))).one()
             attempts = (
                 await conn.execute(sa.select(outbox_attempts).where(outbox_attempts.c.outbox_id == row.id))
             ).all()

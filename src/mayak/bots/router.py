@@ -53,20 +53,12 @@ CONVERSATION_EVENTS = frozenset(
     {"conversation.operator_message", "conversation.handed_back", "conversation.handoff_requested"}
 )
 HISTORY = 30
-# conversation columns a turn rewrites (one executemany per batch, driver-level)
-_CONV_UPDATED = (
-    "customer_id",
-    "bot_id",
-    "version",
-    "status",
-    "state",
-    "channel_id",
-    "address",
-    "queue",
-    "reason",
-    "handoff_at",
-    "updated_at",
-)
+# Conversation columns a turn writes (one executemany per batch, driver-level). Most turns change
+# only unindexed ones: SQLite rewrites the entries of every index whose column an UPDATE names, even
+# to the same value (measured: ~10 µs a row against ~90-120 µs with the two indexes named), so the
+# indexed ones (and those that change with them) are named only when one of them changed.
+_CONV_TURN = ("version", "state", "channel_id", "address", "updated_at")
+_CONV_INDEXED = ("customer_id", "bot_id", "status", "queue", "reason", "handoff_at")
 
 
 @dataclass
@@ -86,6 +78,10 @@ class _Conv:
     updated_at: int = 0
     new: bool = False
     dirty: bool = False
+    stored: tuple[Any, ...] = ()  # the _CONV_INDEXED columns as loaded
+
+    def indexed(self) -> tuple[Any, ...]:
+        return (self.customer_id, self.bot_id, self.status, self.queue, self.reason, self.handoff_at)
 
 
 @dataclass
@@ -320,6 +316,7 @@ class _Run:
                 r[11],
                 r[12],
             )
+            conv.stored = conv.indexed()
             key = (conv.customer_id, conv.bot_id)
             # After a merge a customer can own two rows for one bot: the most recent one goes on.
             if key not in self.convs or conv.updated_at > self.convs[key].updated_at:
@@ -649,7 +646,8 @@ class _Run:
     async def write(self) -> None:
         db, conn = self.router.db, self.conn
         now = now_ms()
-        changed: list[tuple[Any, ...]] = []
+        turned: list[tuple[Any, ...]] = []  # only _CONV_TURN changed
+        moved: list[tuple[Any, ...]] = []  # an indexed column changed too
         for conv in self.convs.values():
             if not conv.dirty:
                 continue
@@ -675,30 +673,21 @@ class _Run:
                 )
                 conv.new = False
             else:
-                changed.append(
-                    (
-                        conv.customer_id,
-                        conv.bot_id,
-                        conv.version,
-                        conv.status,
-                        state,
-                        conv.channel_id,
-                        conv.address,
-                        conv.queue,
-                        conv.reason,
-                        conv.handoff_at,
-                        now,
-                        conv.id,
-                    )
-                )
+                row = (conv.version, state, conv.channel_id, conv.address, now)
+                indexed = conv.indexed()
+                if indexed == conv.stored:
+                    turned.append((*row, conv.id))
+                else:
+                    moved.append((*row, *indexed, conv.id))
+            conv.stored = conv.indexed()
             conv.dirty = False
-        if changed:
-            sql = FastSql(db.dialect)
-            names = _CONV_UPDATED
-            assignments = ", ".join(f"{name} = {sql.p(i + 1)}" for i, name in enumerate(names))
-            await sql.run_many(
-                conn, f"UPDATE conversations SET {assignments} WHERE id = {sql.p(len(names) + 1)}", changed
-            )
+        sql = FastSql(db.dialect)
+        for rows, names in ((turned, _CONV_TURN), (moved, _CONV_TURN + _CONV_INDEXED)):
+            if rows:
+                assignments = ", ".join(f"{name} = {sql.p(i + 1)}" for i, name in enumerate(names))
+                await sql.run_many(
+                    conn, f"UPDATE conversations SET {assignments} WHERE id = {sql.p(len(names) + 1)}", rows
+                )
         for key in self.cancels:
             await timers.cancel(conn, self.ws, key)
         for key, timer, customer_id in self.timers:
