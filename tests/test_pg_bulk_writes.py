@@ -88,7 +88,13 @@ async def test_a_profile_update_leaves_the_indexed_merge_column_alone(client, ma
     await _batch(client, ws, [{"type": "track", "anonymousId": "a1", "event": "Viewed"}])
     await mayak.drain()
     updates: list[str] = []  # UPDATE customers statements
-    conns = [c for c in gc.get_objects() if isinstance(c, sqlite3.Connection)]
+    conns = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, sqlite3.Connection):
+                conns.append(obj)
+        except ReferenceError:  # a weak proxy whose object is gone
+            continue
     for conn in conns:
         conn.set_trace_callback(lambda sql: sql.startswith("UPDATE customers ") and updates.append(sql))
     try:

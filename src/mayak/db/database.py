@@ -29,6 +29,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from mayak.db.checkpoint import Checkpointer
 from mayak.db.schema import metadata
 from mayak.errors import StorageError
 
@@ -72,6 +73,11 @@ class Database:
                 path = self.url.split("///", 1)[1].split("?")[0]
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        # A SQLite file's log is checkpointed by a thread of its own, not inside commits.
+        self.checkpointer: Checkpointer | None = None
+        if self.dialect == "sqlite" and not self.memory:
+            self.checkpointer = Checkpointer(self.url.split("///", 1)[1].split("?")[0])
+        if self.dialect == "sqlite":
             if not self.memory:
                 # Few connections, each with a bounded page cache: memory stays flat at any size.
                 kwargs["pool_size"] = 4
@@ -94,9 +100,8 @@ class Database:
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute(f"PRAGMA cache_size=-{int(sqlite_cache_mb) * 1024}")  # per connection
                 cur.execute("PRAGMA temp_store=MEMORY")
-                # SQLite's default: a checkpoint copies at most ~4 MB inside a commit. Larger WALs
-                # (20,000 pages) made each checkpoint stall the event loop for ~100 ms.
-                cur.execute("PRAGMA wal_autocheckpoint=1000")
+                # Checkpoints run in the Checkpointer's thread (mayak.db.checkpoint), not in commits.
+                cur.execute("PRAGMA wal_autocheckpoint=0")
                 cur.execute(f"PRAGMA mmap_size={int(sqlite_mmap_mb) * 1048576}")  # file mapped for reads
                 cur.close()
                 # Transactions are begun by us (below), not by the driver's implicit BEGIN before the
@@ -170,13 +175,20 @@ class Database:
         write lock is released); a rollback drops them.
         """
         callbacks: list[Callable[[], None]] = []
+        if self.checkpointer is not None:
+            self.checkpointer.start()  # once; a no-op after
+            callbacks.append(self.checkpointer.poke)
         if self._write_lock is not None:
-            async with self._write_lock, self._begin() as conn:
-                conn.info[AFTER_COMMIT] = callbacks
-                try:
-                    yield conn
-                finally:
-                    conn.info.pop(AFTER_COMMIT, None)
+            async with self._write_lock:
+                if self.checkpointer is not None and self.checkpointer.restart_due:
+                    # let the log be copied whole, so this transaction starts it from the beginning
+                    await self.checkpointer.settle()
+                async with self._begin() as conn:
+                    conn.info[AFTER_COMMIT] = callbacks
+                    try:
+                        yield conn
+                    finally:
+                        conn.info.pop(AFTER_COMMIT, None)
         else:
             async with self._begin() as conn:
                 conn.info[AFTER_COMMIT] = callbacks
@@ -288,6 +300,8 @@ class Database:
             return await aconn.run_sync(fn, *args)
 
     async def dispose(self) -> None:
+        if self.checkpointer is not None:
+            await asyncio.to_thread(self.checkpointer.stop)
         await self.engine.dispose()
         if self.write_engine is not self.engine:
             await self.write_engine.dispose()

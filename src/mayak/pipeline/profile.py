@@ -49,9 +49,9 @@ class Profile:
         "last_seen",
         "merged_into",
         "new",
-        "stored_merged_into",
         "stage",
         "stage_at",
+        "stored_merged_into",
     )
 
     def __init__(

@@ -3,7 +3,7 @@
 Every event moves its customer's ``last_seen``, so an index on it was rewritten on every event: on
 SQLite two more random B-tree pages per event in the write-ahead log, on PostgreSQL no heap-only
 (HOT) update, so every index of the table got a new entry per event. The customer list's
-``seen_since`` filter reads the id-ordered scan instead (see docs/api.md).
+``seen_since`` filter reads the id-ordered scan instead.
 
 Revision ID: 0005
 Revises: 0004

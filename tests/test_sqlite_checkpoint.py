@@ -1,0 +1,84 @@
+"""SQLite log checkpoints run in their own thread; the log still starts over, nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from mayak.db.checkpoint import Checkpointer
+from mayak.db.database import Database
+
+
+async def _fill(db: Database, rounds: int) -> None:
+    for i in range(rounds):
+        async with db.write() as conn:
+            await conn.exec_driver_sql(
+                "INSERT INTO t (v) SELECT ? || value FROM json_each(?)",
+                (f"r{i}-" + "x" * 2000, "[" + ",".join(str(n) for n in range(20)) + "]"),
+            )
+
+
+async def test_commits_leave_checkpoints_to_the_thread_and_the_log_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    db = Database(f"sqlite:///{path}")
+    assert db.checkpointer is not None
+    db.checkpointer.restart_frames = 40  # small, so the test restarts the log many times
+    db.checkpointer.interval_s = 0.0
+    async with db.write() as conn:
+        await conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        auto = (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar()
+    assert auto == 0  # no checkpoint inside a commit
+    await _fill(db, 200)  # ~200 x 20 rows of 2 KB: far more than 40 frames
+    assert db.checkpointer.checkpoints > 0
+    wal = Path(f"{path}-wal")
+    # The log was started over again and again: it never held everything written.
+    written = 200 * 20 * 2000
+    assert wal.stat().st_size < written / 2
+    async with db.read() as conn:
+        assert (await conn.exec_driver_sql("SELECT count(*) FROM t")).scalar() == 4000
+    await db.dispose()
+    assert db.checkpointer._thread is None  # stopped with the database
+
+    # a fresh process sees every committed row
+    plain = sqlite3.connect(path)
+    assert plain.execute("SELECT count(*) FROM t").fetchone()[0] == 4000
+    plain.close()
+
+
+async def test_a_long_log_makes_the_next_transaction_settle_first(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    db = Database(f"sqlite:///{path}")
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    checkpointer.idle_s = 3600.0  # only settle() and pokes checkpoint
+    checkpointer.interval_s = 3600.0
+    async with db.write() as conn:
+        await conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    order: list[str] = []
+    settle = checkpointer.settle
+
+    async def spy() -> None:
+        order.append("settle")
+        await settle()
+
+    checkpointer.settle = spy  # type: ignore[method-assign]
+    checkpointer.restart_due = True
+    async with db.write() as conn:
+        order.append("transaction")
+        await conn.execute(sa.text("INSERT INTO t (v) VALUES ('a')"))
+    assert order == ["settle", "transaction"]
+    assert checkpointer.restart_due is False  # the settle copied the whole log
+    async with db.write() as conn:
+        order.append("transaction")
+    assert order == ["settle", "transaction", "transaction"]  # nothing due: no settle
+    await db.dispose()
+
+
+def test_a_checkpoint_of_a_missing_file_is_logged_not_raised(tmp_path: Path) -> None:
+    checkpointer = Checkpointer(str(tmp_path / "missing" / "x.db"))
+    assert checkpointer.checkpoint() is False
+    checkpointer.stop()
+    assert not os.path.exists(tmp_path / "missing")
