@@ -94,7 +94,8 @@ class Checkpointer:
             if self._stop.is_set():
                 break
             self.checkpoint()
-            self._stop.wait(self.interval_s)  # let a few commits gather in the log
+            if not self.restart_due:  # a restart is near: keep copying, so the settle has little left
+                self._stop.wait(self.interval_s)  # let a few commits gather in the log
 
     def checkpoint(self) -> bool:
         """One passive checkpoint; True when it copied the whole log."""
