@@ -82,3 +82,38 @@ def test_a_checkpoint_of_a_missing_file_is_logged_not_raised(tmp_path: Path) -> 
     assert checkpointer.checkpoint() is False
     checkpointer.stop()
     assert not os.path.exists(tmp_path / "missing")
+
+
+async def test_a_reader_that_needs_the_log_does_not_make_every_write_settle(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    db = Database(f"sqlite:///{path}")
+    checkpointer = db.checkpointer
+    assert checkpointer is not None
+    checkpointer.idle_s = checkpointer.interval_s = 3600.0
+    checkpointer.restart_frames = 1  # any log is long
+    async with db.write() as conn:
+        await conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchone()  # holds a snapshot in the log
+    async with db.write() as conn:
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('after the reader began')")
+    settles = 0
+    settle = checkpointer.settle
+
+    async def spy() -> None:
+        nonlocal settles
+        settles += 1
+        await settle()
+
+    checkpointer.settle = spy  # type: ignore[method-assign]
+    checkpointer.restart_due = True
+    for _ in range(3):
+        async with db.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('x')")
+    assert settles == 1  # the reader kept the log; writes went on without settling again
+    checkpointer.checkpoint()
+    assert checkpointer.restart_due is False  # held: no restart is due again at once
+    reader.execute("COMMIT")
+    reader.close()
+    await db.dispose()

@@ -19,7 +19,8 @@ starts the log afresh; ``journal_size_limit`` trims the file.
 
 Durability does not change: a commit is durable in the log exactly as before, and SQLite recovers
 from a crash at any moment of a checkpoint as ever. A passive checkpoint never waits for readers or
-writers; frames a reader still needs are copied by a later one.
+writers; frames a reader still needs are copied by a later one. When a settle cannot copy the
+whole log for that reason, writes go on and no restart is tried for ``hold_s`` (a second).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 
 import structlog
 
@@ -52,6 +54,8 @@ class Checkpointer:
         self.idle_s = idle_s
         self.restart_frames = restart_frames
         self.restart_due = False  # the log is long: the next write transaction settles first
+        self.hold_s = 1.0  # after a settle a reader kept from finishing: no restart before this long
+        self._hold_until = 0.0
         self.checkpoints = 0  # checkpoints run (tests, diagnostics)
         self.log_frames = 0  # frames in the log at the last checkpoint
         self._conn: sqlite3.Connection | None = None
@@ -73,8 +77,10 @@ class Checkpointer:
     async def settle(self) -> None:
         """Checkpoint now, in a worker thread; the caller holds this process's write lock, so the
         checkpoint can copy the whole log unless a reader still needs part of it."""
-        if await asyncio.to_thread(self.checkpoint):
-            self.restart_due = False  # the transaction about to begin starts the log afresh
+        if not await asyncio.to_thread(self.checkpoint):
+            # a reader still needs part of the log: write on, and try again a little later
+            self._hold_until = time.monotonic() + self.hold_s
+        self.restart_due = False  # done, or held: the transaction about to begin goes ahead
 
     def stop(self) -> None:
         self._stop.set()
@@ -113,5 +119,5 @@ class Checkpointer:
                 return False
             self.checkpoints += 1
             self.log_frames = frames
-            self.restart_due = frames >= self.restart_frames
+            self.restart_due = frames >= self.restart_frames and time.monotonic() >= self._hold_until
             return bool(frames == copied)
