@@ -66,18 +66,16 @@ class Database:
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self.memory = self.dialect == "sqlite" and (":memory:" in self.url or self.url.endswith("///"))
         kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
+        self.checkpointer: Checkpointer | None = None
         if self.dialect == "sqlite":
             if self.memory:
                 kwargs["poolclass"] = StaticPool
             else:
                 path = self.url.split("///", 1)[1].split("?")[0]
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
+                # The file's log is checkpointed by a thread of its own, not inside commits.
+                self.checkpointer = Checkpointer(path)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        # A SQLite file's log is checkpointed by a thread of its own, not inside commits.
-        self.checkpointer: Checkpointer | None = None
-        if self.dialect == "sqlite" and not self.memory:
-            self.checkpointer = Checkpointer(self.url.split("///", 1)[1].split("?")[0])
-        if self.dialect == "sqlite":
             if not self.memory:
                 # Few connections, each with a bounded page cache: memory stays flat at any size.
                 kwargs["pool_size"] = 4
@@ -148,8 +146,8 @@ class Database:
         # each one to the driver's thread and back (four hops a statement: cursor, execute, fetch,
         # close) cost more than the SQL itself (see docs/benchmarks.md).
         self.write_engine: AsyncEngine = self.engine
-        if self.dialect == "sqlite" and not self.memory and inline_writes:
-            path = self.url.split("///", 1)[1].split("?")[0]
+        if self.checkpointer is not None and inline_writes:
+            path = self.checkpointer.path
 
             async def _inline_connect() -> Any:
                 return InlineSqlite(sqlite3.connect(path, check_same_thread=False, timeout=30))
