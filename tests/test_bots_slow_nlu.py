@@ -191,3 +191,66 @@ async def test_the_engine_reads_phone_numbers_with_the_workspace_region(
     async with mayak.db.read() as conn:
         again, _ = await mayak.bots.compiled(conn, channel.bot_id, 1)
     assert again.nlu.region == "GB"
+
+
+def test_slowness_is_read_from_the_spec_as_the_built_engine_says() -> None:
+    from mayak.nlu import build_engine, is_slow_spec
+
+    llm_spec = {"engine": "llm", "base_url": "http://127.0.0.1:9/v1", "model": "m"}
+    cases: list[Any] = [
+        None,
+        "linear",
+        {"engine": "linear", "c": 2.0},
+        llm_spec,
+        {"engine": "ensemble", "engines": ["linear", {"engine": "linear"}]},
+        {"engine": "ensemble", "engines": ["linear", llm_spec]},
+        ["linear", llm_spec],
+    ]
+    for spec in cases:
+        assert is_slow_spec(spec) is bool(getattr(build_engine(spec), "slow", False)), spec
+    assert is_slow_spec("embeddings") and is_slow_spec({"engine": "embeddings", "model_path": "/m"})
+
+
+def test_a_definition_says_what_its_compiled_bot_will(llm: Llm) -> None:
+    from mayak.bots.compiled import compile_bot, has_slow_nlu
+    from mayak.bots.loader import load_texts
+
+    slow = load_texts({"bot.yaml": bot_yaml(llm.url)}).definition
+    no_intents = {**slow, "intents": {}}
+    fast = {**slow, "bot": {**slow["bot"], "nlu": {"engine": "linear"}}}
+    for definition, expected in ((slow, True), (no_intents, False), (fast, False)):
+        assert has_slow_nlu(definition) is expected
+        assert compile_bot("b", 1, definition).slow_nlu is expected
+
+
+async def test_a_process_that_only_appends_compiles_no_fast_bot(
+    mayak: Mayak, client: httpx.AsyncClient, ws: dict[str, Any], llm: Llm
+) -> None:
+    """``serve --no-workers`` runs preunderstand for every channel message: for a bot with a fast
+    engine it must not train one (that is the worker's job); for a slow one it must."""
+    routed = []
+    for name, engine in (("fast", "linear"), ("slow", None)):
+        files = {"bot.yaml": bot_yaml(llm.url).replace("llm_booking", name)}
+        if engine is not None:
+            files["bot.yaml"] = files["bot.yaml"].replace(
+                files["bot.yaml"].split("\n")[3], f"    engine: {engine}"
+            )
+        r = await client.post("/v1/bots", json={"files": files}, headers=admin(ws))
+        assert r.status_code == 201, r.text
+        bot = r.json()
+        created = await mayak.channels.create(
+            ws["id"], type="webchat", name=name, config={}, bot_id=bot["id"]
+        )
+        routed.append((bot, await mayak.channels.record(ws["id"], created["id"])))
+    router = mayak.bot_router
+    store = router.store
+    store.cache = type(store.cache)()  # a process that has compiled nothing yet
+    (fast, fast_channel), (slow, slow_channel) = routed
+    fast_event = message(fast_channel, "book my car in", "f1")
+    slow_event = message(slow_channel, "book my car in", "s1")
+    await router.preunderstand([fast_event, slow_event])
+    assert store.cache.get(fast["id"], fast["current_version"]) is None  # not compiled, not trained
+    assert "nlu" not in fast_event.payload["properties"]
+    assert store.cache.get(slow["id"], slow["current_version"]) is not None
+    assert slow_event.payload["properties"]["nlu"]["intent"]["name"] == "book"
+    assert llm.calls == ["book my car in"]

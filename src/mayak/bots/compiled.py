@@ -160,6 +160,18 @@ class CompiledBot:
         return self.text(self.definition["texts"].get(key) or DEFAULT_TEXTS[key], language)
 
 
+def has_slow_nlu(definition: dict[str, Any]) -> bool:
+    """What ``compile_bot(…).slow_nlu`` will say, read from the definition without training: the
+    bot has intent examples and its engine spec is a slow one (an LLM, sentence embeddings)."""
+    from mayak.nlu import is_slow_spec
+
+    has_examples = any(
+        any(body["examples"].values()) if isinstance(body["examples"], dict) else body["examples"]
+        for body in definition.get("intents", {}).values()
+    )
+    return has_examples and is_slow_spec((definition["bot"].get("nlu") or {}).get("engine"))
+
+
 def compile_bot(
     bot_id: str, version: int, definition: dict[str, Any], *, region: str | None = None
 ) -> CompiledBot:

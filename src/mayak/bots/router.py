@@ -146,8 +146,8 @@ class BotRouter:
                 continue
             if not self._may_be_slow(ev.workspace_id):
                 continue
-            bot = await self._current_bot(ev.workspace_id, str(props.get("channel_id") or ""))
-            if bot is None or not bot.slow_nlu:
+            bot = await self._slow_bot(ev.workspace_id, str(props.get("channel_id") or ""))
+            if bot is None:
                 continue
             try:
                 parsed = await asyncio.to_thread(bot.understand, text)
@@ -167,15 +167,13 @@ class BotRouter:
         published = self.store.cached_bots(ws_id)
         if published is None:
             return True
-        for bot_id, version in published:
-            bot = self.store.cache.get(bot_id, version)
-            if bot is None or bot.slow_nlu:
-                return True
-        return False
+        return any(self.store.known_slow_nlu(bot_id, version) is not False for bot_id, version in published)
 
-    async def _current_bot(self, ws_id: str, channel_id: str) -> CompiledBot | None:
-        """The current version of the bot that answers on ``channel_id`` (outside any transaction;
-        from the caches when they have it, as they do for every message but the first few)."""
+    async def _slow_bot(self, ws_id: str, channel_id: str) -> CompiledBot | None:
+        """The current version of the bot that answers on ``channel_id``, compiled, when its NLU
+        engine is slow; else None (outside any transaction; from the caches when they have it, as
+        they do for every message but the first few). Slowness is read from the stored definition,
+        so a process that only appends never compiles (trains) a bot with a fast engine."""
         published = self.store.cached_bots(ws_id)
         if published is None:
             async with self.db.read() as conn:
@@ -184,11 +182,14 @@ class BotRouter:
         bot_id = await self._bot_for_channel(ws_id, channel_id, versions) if versions else None
         if bot_id is None:
             return None
-        bot = self.store.cache.get(bot_id, versions[bot_id])
-        if bot is None:
-            async with self.db.read() as conn:
-                bot = (await self.store.compiled(conn, bot_id, versions[bot_id]))[0]
-        return bot
+        version = versions[bot_id]
+        bot = self.store.cache.get(bot_id, version)
+        if bot is not None:
+            return bot if bot.slow_nlu else None
+        async with self.db.read() as conn:
+            if not await self.store.slow_nlu(conn, bot_id, version):
+                return None
+            return (await self.store.compiled(conn, bot_id, version))[0]
 
     async def _work_for(
         self, ev: LoggedEvent, ws_id: str, current: dict[str, CompiledBot], triggers: set[str]

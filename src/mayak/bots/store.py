@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak import runtime
-from mayak.bots.compiled import BotCache, CompiledBot, compile_bot, definition_digest
+from mayak.bots.compiled import BotCache, CompiledBot, compile_bot, definition_digest, has_slow_nlu
 from mayak.bots.loader import LoadedBot, load_texts
 from mayak.db.database import Database
 from mayak.db.schema import bot_versions, bots, workspaces
@@ -27,6 +27,7 @@ from mayak.timeutil import ms_to_rfc3339, now_ms
 
 ACTIVE, RETIRED = "active", "retired"
 INDEX_SECONDS = 2.0
+SLOW_MEMO_SIZE = 10_000  # versions whose NLU slowness is remembered (see BotStore.slow_nlu)
 BotIndex = list[tuple[str, int]]  # module level: inside the class, ``list`` names the method
 
 
@@ -48,6 +49,9 @@ class BotStore:
         self.cache = BotCache()
         # workspace -> (expires, [(bot id, current version)]): which bots a workspace runs.
         self._index: dict[str, tuple[float, BotIndex]] = {}
+        # (bot id, version) -> whether its NLU engine is slow, read from the definition (versions
+        # are immutable); lets a process that only appends (serve --no-workers) skip compiling.
+        self._slow: dict[tuple[str, int], bool] = {}
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -217,6 +221,29 @@ class BotStore:
         found = [(r[0], int(r[1])) for r in rows]
         self._index[ws_id] = (time.monotonic() + INDEX_SECONDS, found)
         return found
+
+    def known_slow_nlu(self, bot_id: str, version: int) -> bool | None:
+        """Whether the version's NLU engine is slow, when this process knows it already (None: not yet)."""
+        bot = self.cache.get(bot_id, version)
+        return bot.slow_nlu if bot is not None else self._slow.get((bot_id, version))
+
+    async def slow_nlu(self, conn: AsyncConnection, bot_id: str, version: int) -> bool:
+        """Whether the version's NLU engine is slow, from its stored definition: nothing is compiled."""
+        known = self.known_slow_nlu(bot_id, version)
+        if known is not None:
+            return known
+        text = (
+            await conn.execute(
+                sa.select(bot_versions.c.definition).where(
+                    bot_versions.c.bot_id == bot_id, bot_versions.c.version == version
+                )
+            )
+        ).scalar()
+        slow = text is not None and has_slow_nlu(orjson.loads(text))
+        if len(self._slow) >= SLOW_MEMO_SIZE:
+            self._slow.clear()
+        self._slow[(bot_id, version)] = slow
+        return slow
 
     async def compiled(self, conn: AsyncConnection, bot_id: str, version: int) -> tuple[CompiledBot, str]:
         """The compiled version and its status (active | retired)."""

@@ -8,7 +8,7 @@ from .base import Engine, Entity, Example, IntentScore, NotTrainedError, Parse
 from .embeddings import EmbeddingEngine
 from .ensemble import EnsembleEngine
 from .entities import extract_entities
-from .factory import EngineSpec, build_engine
+from .factory import EngineSpec, build_engine, is_slow_spec
 from .linear import LinearEngine
 from .llm import LlmEngine
 
@@ -26,4 +26,5 @@ __all__ = [
     "Parse",
     "build_engine",
     "extract_entities",
+    "is_slow_spec",
 ]

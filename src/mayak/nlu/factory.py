@@ -91,6 +91,22 @@ def build_engine(spec: EngineSpec = None, *, tz: str | None = None, region: str 
         raise ValueError(f"bad {kind} engine spec: {exc}") from exc
 
 
+def is_slow_spec(spec: EngineSpec) -> bool:
+    """Whether the engine ``spec`` describes calls out or runs a large model (``Engine.slow``),
+    decided from the spec alone, without building or training anything."""
+    if isinstance(spec, str):
+        return spec in ("llm", "embeddings")
+    if isinstance(spec, list):
+        return any(is_slow_spec(s) for s in spec)
+    if not isinstance(spec, Mapping):
+        return False
+    kind = spec.get("engine") or spec.get("type") or "linear"
+    if kind == "ensemble":
+        engines = spec.get("engines")
+        return isinstance(engines, list) and any(is_slow_spec(s) for s in engines)
+    return kind in ("llm", "embeddings")
+
+
 def _pair(key: str, value: Any) -> tuple[int, int]:
     if not isinstance(value, list | tuple) or len(value) != 2 or not all(isinstance(v, int) for v in value):
         raise ValueError(f"{key} must be two integers, like [2, 5]")
