@@ -176,24 +176,18 @@ class Database:
         if self.checkpointer is not None:
             self.checkpointer.start()  # once; a no-op after
             callbacks.append(self.checkpointer.poke)
-        if self._write_lock is not None:
-            async with self._write_lock:
+        async with contextlib.AsyncExitStack() as stack:
+            if self._write_lock is not None:
+                await stack.enter_async_context(self._write_lock)
                 if self.checkpointer is not None and self.checkpointer.restart_due:
                     # let the log be copied whole, so this transaction starts it from the beginning
                     await self.checkpointer.settle()
-                async with self._begin() as conn:
-                    conn.info[AFTER_COMMIT] = callbacks
-                    try:
-                        yield conn
-                    finally:
-                        conn.info.pop(AFTER_COMMIT, None)
-        else:
-            async with self._begin() as conn:
-                conn.info[AFTER_COMMIT] = callbacks
-                try:
-                    yield conn
-                finally:
-                    conn.info.pop(AFTER_COMMIT, None)
+            conn = await stack.enter_async_context(self._begin())
+            conn.info[AFTER_COMMIT] = callbacks
+            try:
+                yield conn
+            finally:
+                conn.info.pop(AFTER_COMMIT, None)
         for callback in callbacks:  # reached only when the commit succeeded
             try:
                 callback()

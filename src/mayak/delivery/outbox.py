@@ -42,7 +42,7 @@ import functools
 import random
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -176,8 +176,10 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
         )
         inserted.update(r[0] for r in result)
     if adopter is not None:
-        pushed = [
-            OutboxRow(
+
+        def written(row: Sequence[Any]) -> OutboxRow:
+            """The row as just inserted, for the pushes and claims made after the commit."""
+            return OutboxRow(
                 id=row[0],
                 workspace_id=row[1],
                 customer_id=row[2],
@@ -188,9 +190,8 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
                 attempts=0,
                 created_at=now,
             )
-            for i, row in enumerate(rows)
-            if i in instant and row[0] in inserted
-        ]
+
+        pushed = [written(row) for i, row in enumerate(rows) if i in instant and row[0] in inserted]
         if pushed:
             # the attempt is recorded with the row: it is done once the transaction commits
             await sql.run_many(
@@ -204,22 +205,7 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
             )
             db.after_commit(conn, lambda: adopter.push(pushed))
         claimed = [
-            _Claimed(
-                OutboxRow(
-                    id=row[0],
-                    workspace_id=row[1],
-                    customer_id=row[2],
-                    kind=row[3],
-                    target=row[4],
-                    payload=_payload(row[5]),
-                    idempotency_key=row[6],
-                    attempts=0,
-                    created_at=now,
-                ),
-                lease,
-            )
-            for i, row in enumerate(rows)
-            if i in born and row[0] in inserted
+            _Claimed(written(row), lease) for i, row in enumerate(rows) if i in born and row[0] in inserted
         ]
         if claimed:
             db.after_commit(conn, lambda: adopter.adopt(claimed))
