@@ -533,20 +533,26 @@ async def test_every_bot_triggered_by_a_business_event_gets_it(bot: Setup) -> No
     assert len({c["bot_id"] for c in r.json()["items"]}) == 2  # one conversation per bot
 
 
+def recorded_sql(monkeypatch: pytest.MonkeyPatch, method: str) -> list[str]:
+    """Every statement later passed to ``FastSql.<method>`` (``fetch``, ``run_many``…), in order."""
+    from mayak.db.fastsql import FastSql
+
+    seen: list[str] = []
+    original = getattr(FastSql, method)
+
+    async def recording(self: FastSql, conn: Any, sql: str, *args: Any) -> Any:
+        seen.append(sql)
+        return await original(self, conn, sql, *args)
+
+    monkeypatch.setattr(FastSql, method, recording)
+    return seen
+
+
 async def test_a_turn_reads_the_customer_the_pipeline_just_wrote(
     bot: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from mayak.db.fastsql import FastSql
-
     await bot.say("/start")
-    queries: list[str] = []
-    fetch = FastSql.fetch
-
-    async def counting(self: FastSql, conn: Any, sql: str, params: Any = ()) -> Any:
-        queries.append(sql)
-        return await fetch(self, conn, sql, params)
-
-    monkeypatch.setattr(FastSql, "fetch", counting)
+    queries = recorded_sql(monkeypatch, "fetch")
     await bot.say(payload="book_service", title="Book a service visit")
     assert "Which car" in bot.chat.texts()[-1]
     # one read of the customer for the whole turn: the profile batch's, which the router reuses
@@ -557,22 +563,14 @@ async def test_a_turn_names_the_indexed_conversation_columns_only_when_they_chan
     bot: Setup, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SQLite rewrites every index whose column an UPDATE names: a plain turn names none."""
-    from mayak.db.fastsql import FastSql
-
     await bot.say("/start")
-    updates: list[str] = []
-    run_many = FastSql.run_many
-
-    async def counting(self: FastSql, conn: Any, sql: str, rows: Any) -> Any:
-        if sql.startswith("UPDATE conversations"):
-            updates.append(sql)
-        return await run_many(self, conn, sql, rows)
-
-    monkeypatch.setattr(FastSql, "run_many", counting)
+    statements = recorded_sql(monkeypatch, "run_many")
     await bot.say(payload="book_service", title="Book a service visit")
+    updates = [sql for sql in statements if sql.startswith("UPDATE conversations")]
     assert len(updates) == 1 and "status" not in updates[0] and "customer_id" not in updates[0]
     assert "state" in updates[0]
-    updates.clear()
+    statements.clear()
     await bot.say(payload="operator", title="Talk to a person")  # a handoff: the status changes
+    updates = [sql for sql in statements if sql.startswith("UPDATE conversations")]
     assert any("status" in u for u in updates), updates
     assert (await bot.conversation())["status"] == "waiting_human"
