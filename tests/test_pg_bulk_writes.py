@@ -110,3 +110,30 @@ async def test_a_profile_update_leaves_the_indexed_merge_column_alone(client, ma
             conn.set_trace_callback(None)
     r = await client.get("/v1/customers", params={"identity": "anonymous_id:a1"}, headers=admin(ws))
     assert r.status_code == 200, r.text
+
+
+async def test_many_changed_profiles_in_one_group_each_get_their_own_values(client, mayak: Mayak, ws) -> None:
+    """On PostgreSQL the changed profiles of a group are written by one UPDATE joined to column
+    arrays (with only nested loops allowed for it): every row gets its own values, and the planner
+    settings are the session's defaults again for the rest of the transaction."""
+    people = [f"u{i}" for i in range(40)]
+    await _batch(client, ws, [{"type": "identify", "userId": u, "traits": {"n": 0}} for u in people])
+    await mayak.drain()
+    await _batch(
+        client, ws, [{"type": "identify", "userId": u, "traits": {"n": i}} for i, u in enumerate(people)]
+    )
+    await mayak.drain()
+    for i in (0, 17, 39):
+        r = await client.get("/v1/customers", params={"identity": f"user_id:u{i}"}, headers=admin(ws))
+        assert r.status_code == 200, r.text
+        assert r.json()["traits"] == {"n": i}
+    if mayak.db.dialect == "postgresql":
+        from mayak.pipeline.batch import PG_JOIN_BY_KEY_ONLY, PG_JOIN_DEFAULTS
+
+        sql = FastSql(mayak.db.dialect)
+        async with mayak.db.write() as conn:
+            await sql.run(conn, PG_JOIN_BY_KEY_ONLY)
+            assert (await sql.fetch(conn, "SHOW enable_hashjoin"))[0][0] == "off"
+            await sql.run(conn, PG_JOIN_DEFAULTS)
+            assert (await sql.fetch(conn, "SHOW enable_hashjoin"))[0][0] == "on"
+            assert (await sql.fetch(conn, "SHOW enable_mergejoin"))[0][0] == "on"

@@ -405,17 +405,23 @@ class ProfileBatch:
                 new_rows,
             )
         if changed_rows:
-            # Row by row on the primary key: a join to column arrays was planned as a hash join over
-            # the whole table (and its dead row versions) for every batch.
+            # One statement joining the column arrays on the primary key. Left to itself the planner
+            # may hash the whole table (dead row versions included) for a large group, so nested
+            # loops over the key are made its only choice for this statement.
             names = PROFILE_COLUMNS.split(", ")
             assignments = ", ".join(
-                f"{name} = coalesce(${i + 1}::text::jsonb, {name})"
-                if i in JSON_POSITIONS
-                else f"{name} = ${i + 1}"
+                f"{name} = coalesce(u.c{i}::jsonb, c.{name})" if i in JSON_POSITIONS else f"{name} = u.c{i}"
                 for i, name in enumerate(names)
                 if i
             )
-            await sql.run_many(self.conn, f"UPDATE customers SET {assignments} WHERE id = $1", changed_rows)
+            arrays = sql.unnest(PROFILE_TYPES).split(" FROM ", 1)[1]  # unnest(...) AS u(c0, ...)
+            await sql.run(self.conn, PG_JOIN_BY_KEY_ONLY)
+            await sql.run_columns(
+                self.conn,
+                f"UPDATE customers AS c SET {assignments} FROM {arrays} WHERE c.id = u.c0",
+                changed_rows,
+            )
+            await sql.run(self.conn, PG_JOIN_DEFAULTS)
 
     async def store_attribution(self, updates: list[tuple[str | None, int]], dropped: list[int]) -> None:
         """For events already in the log: record their customer, delete the suppressed ones."""
@@ -449,6 +455,11 @@ class ProfileBatch:
             out.append(ev)
         return out, updates, dropped
 
+
+# PostgreSQL, around a statement that joins column arrays to a large table on its key: only a
+# nested loop over the key, then the session's defaults again (RESET inside a transaction).
+PG_JOIN_BY_KEY_ONLY = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
+PG_JOIN_DEFAULTS = "RESET enable_hashjoin; RESET enable_mergejoin"
 
 EVENT_COLUMNS = (
     "seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, actor, payload"
