@@ -25,7 +25,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -162,6 +162,11 @@ class Database:
             )
             event.listen(self.write_engine.sync_engine, "connect", _on_connect)
             event.listen(self.write_engine.sync_engine, "begin", _on_begin)
+        # Inline writes keep one connection checked out for good: every write transaction holds the
+        # process's write lock, so they take turns on it. Checking a connection out of the pool and
+        # back in (a greenlet hop each way, a reset, a shielded close task) cost more than the
+        # BEGIN and COMMIT themselves.
+        self._held: AsyncConnection | None = None
 
     # -- connections -------------------------------------------------------------------------
 
@@ -219,6 +224,10 @@ class Database:
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[AsyncConnection]:
         try:
+            if self.write_engine is not self.engine:  # inline writes; the caller holds the write lock
+                async with self._held_transaction() as conn:
+                    yield conn
+                return
             async with self.write_engine.connect() as conn:
                 if self.dialect == "sqlite":
                     await conn.execution_options(sqlite_immediate=True)
@@ -226,6 +235,32 @@ class Database:
                     yield conn
         except DBAPIError as exc:
             raise StorageError("storage_unavailable", f"database error: {exc.orig!s}"[:500]) from exc
+
+    @asynccontextmanager
+    async def _held_transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction on the held inline write connection (opened on first use). After a driver
+        error other than a broken constraint the connection is given up, so the next write opens a
+        fresh one (a constraint error leaves it as good as before the transaction)."""
+        conn = self._held
+        if conn is None:
+            conn = await self.write_engine.connect()
+            await conn.execution_options(sqlite_immediate=True)
+            self._held = conn
+        try:
+            async with conn.begin():
+                yield conn
+        except DBAPIError as exc:
+            if not isinstance(exc, IntegrityError):
+                await self._drop_held()
+            raise
+
+    async def _drop_held(self) -> None:
+        conn, self._held = self._held, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            with contextlib.suppress(Exception):
+                await conn.close()
 
     @asynccontextmanager
     async def _connect(self) -> AsyncIterator[AsyncConnection]:
@@ -292,6 +327,9 @@ class Database:
             return await aconn.run_sync(fn, *args)
 
     async def dispose(self) -> None:
+        if self._write_lock is not None:
+            async with self._write_lock:  # a write in progress finishes first
+                await self._drop_held()
         if self.checkpointer is not None:
             await asyncio.to_thread(self.checkpointer.stop)
         await self.engine.dispose()

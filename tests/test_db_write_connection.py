@@ -1,0 +1,83 @@
+"""Inline SQLite writes keep one connection checked out across transactions; a driver error other
+than a broken constraint gives it up, and the next write opens a fresh one."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from mayak.db.database import Database
+from mayak.errors import StorageError
+
+
+def _raw(conn: AsyncConnection) -> Any:
+    sync = conn.sync_connection
+    assert sync is not None
+    return sync.connection.driver_connection._conn
+
+
+async def _db(tmp_path: Path) -> Database:
+    db = Database(f"sqlite:///{tmp_path / 'w.db'}")
+    async with db.write() as conn:
+        await conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+    return db
+
+
+async def test_write_transactions_take_turns_on_one_held_connection(tmp_path: Path) -> None:
+    db = await _db(tmp_path)
+    seen = set()
+    for i in range(5):
+        async with db.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", (f"v{i}",))
+            seen.add(id(_raw(conn)))
+            assert _raw(conn).in_transaction
+    assert len(seen) == 1
+    # committed, visible to another connection, and the held one is idle between transactions
+    plain = sqlite3.connect(tmp_path / "w.db")
+    assert plain.execute("SELECT count(*) FROM t").fetchone()[0] == 5
+    plain.close()
+    assert db._held is not None and not _raw(db._held).in_transaction
+    await db.dispose()
+    assert db._held is None
+
+
+async def test_a_rolled_back_transaction_leaves_nothing_and_the_connection_in_use(tmp_path: Path) -> None:
+    db = await _db(tmp_path)
+    async with db.write() as conn:
+        before = id(_raw(conn))
+    with pytest.raises(RuntimeError):
+        async with db.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('gone')")
+            raise RuntimeError("the caller failed")
+    with pytest.raises(StorageError):  # a broken constraint: the connection stays good
+        async with db.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('kept?')")
+            await conn.exec_driver_sql("INSERT INTO t (id, v) VALUES (1, 'twice')")
+    async with db.write() as conn:
+        assert id(_raw(conn)) == before
+        assert (await conn.execute(sa.text("SELECT count(*) FROM t"))).scalar() == 0  # neither kept
+    await db.dispose()
+
+
+async def test_a_driver_failure_gives_the_connection_up(tmp_path: Path) -> None:
+    db = await _db(tmp_path)
+    async with db.write() as conn:
+        before = _raw(conn)
+    with pytest.raises(StorageError):
+        async with db.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO no_such_table VALUES (1)")
+    assert db._held is None
+    with pytest.raises(sqlite3.ProgrammingError):
+        before.execute("SELECT 1")  # closed
+    async with db.write() as conn:  # a fresh connection, set up like the first
+        assert _raw(conn) is not before
+        assert (await conn.exec_driver_sql("PRAGMA wal_autocheckpoint")).scalar() == 0
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('after')")
+    async with db.read() as conn:
+        assert (await conn.execute(sa.text("SELECT v FROM t"))).scalars().all() == ["after"]
+    await db.dispose()
