@@ -574,3 +574,24 @@ async def test_a_turn_names_the_indexed_conversation_columns_only_when_they_chan
     updates = [sql for sql in statements if sql.startswith("UPDATE conversations")]
     assert any("status" in u for u in updates), updates
     assert (await bot.conversation())["status"] == "waiting_human"
+
+
+@pytest.mark.parametrize(
+    ("text", "language"),
+    [
+        ("Привет, когда будет готова машина?", "ru"),
+        ("ЁЛКИ", "ru"),
+        ("Hello, is my car ready?", "en"),
+        ("Hi привет", "ru"),  # as many Cyrillic letters as Latin ones: Russian
+        ("ok да", "ru"),
+        ("okay да", "en"),
+        ("/start abc", None),  # a command
+        ("42 100", None),  # no letters
+        ("a", None),  # one letter is not enough
+        ("Ñandú ÖL", "en"),  # accented Latin letters do not count, the plain ones do
+    ],
+)
+def test_the_script_of_a_message_gives_its_language(text: str, language: str | None) -> None:
+    from mayak.bots.engine import _script_language
+
+    assert _script_language(text) == language

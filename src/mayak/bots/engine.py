@@ -919,15 +919,18 @@ class _Fail(Exception):
     """A turn cannot go on (a template in a call failed, a goto loop): safe text, flow ends."""
 
 
+_CYRILLIC = re.compile("[а-яё]")
+_LATIN = re.compile("[a-z]")
+
+
 def _script_language(text: str) -> str | None:
-    """``ru`` for Cyrillic text, ``en`` for Latin text, None for digits, commands and the like."""
-    cyrillic = latin = 0
-    for ch in text[:200]:
-        if "а" <= ch.lower() <= "я" or ch in "ёЁ":
-            cyrillic += 1
-        elif "a" <= ch.lower() <= "z":
-            latin += 1
-    if cyrillic + latin < 2 or text.startswith("/"):
+    """``ru`` for Cyrillic text, ``en`` for Latin text, None for digits, commands and the like
+    (letters counted in the first 200 characters, by regex: a loop per character cost more)."""
+    if text.startswith("/"):
+        return None
+    head = text[:200].lower()
+    cyrillic, latin = len(_CYRILLIC.findall(head)), len(_LATIN.findall(head))
+    if cyrillic + latin < 2:
         return None
     return "ru" if cyrillic >= latin else "en"
 
