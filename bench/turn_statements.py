@@ -22,6 +22,7 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mayak.channels.events import inbound_event
 from mayak.config import Settings
@@ -47,7 +48,29 @@ def kind_of(sql: str) -> str:
     return verb
 
 
-async def measure(turns: int) -> collections.Counter[str]:
+@dataclasses.dataclass
+class Showroom:
+    """Mayak running in this process on a fresh SQLite file, with the showroom bot on a web-chat
+    channel; ``say`` hands one visitor's message to the ingest writer (as the channel would)."""
+
+    mayak: Mayak
+    channel: Any
+
+    async def say(self, visitor: int, text: str, key: str) -> None:
+        now = now_ms()
+        ev = inbound_event(
+            self.channel,
+            address=f"v{visitor}",
+            anonymous_id=f"v{visitor}",
+            text=text,
+            timestamp=now,
+            received_at=now,
+            dedup_key=key,
+        )
+        await self.mayak.writer.submit([ev])
+
+
+async def showroom() -> Showroom:
     folder = tempfile.mkdtemp(prefix="mayak-turns-")
     url = f"sqlite+aiosqlite:///{folder}/mayak.db"
     settings = dataclasses.replace(Settings.from_env(), database_url=url)
@@ -55,41 +78,31 @@ async def measure(turns: int) -> collections.Counter[str]:
     await db.create_all()
     mayak = Mayak(settings, db=db)
     await mayak.start(workers=True)
+    ws = await mayak.workspaces.create_workspace("turns", {"default_region": "GB"})
+    files = {p.name: p.read_text("utf-8") for p in BOT_DIR.glob("*.yaml")}
+    bot = await mayak.bots.publish_files(ws["id"], files)
+    created = await mayak.channels.create(ws["id"], type="webchat", name="c", config={}, bot_id=bot["id"])
+    return Showroom(mayak, await mayak.channels.record(ws["id"], created["id"]))
+
+
+async def measure(turns: int) -> collections.Counter[str]:
+    room = await showroom()
     try:
-        ws = await mayak.workspaces.create_workspace("turns", {"default_region": "GB"})
-        files = {p.name: p.read_text("utf-8") for p in BOT_DIR.glob("*.yaml")}
-        bot = await mayak.bots.publish_files(ws["id"], files)
-        created = await mayak.channels.create(ws["id"], type="webchat", name="c", config={}, bot_id=bot["id"])
-        channel = await mayak.channels.record(ws["id"], created["id"])
-
-        async def say(visitor: int, text: str, key: str) -> None:
-            now = now_ms()
-            ev = inbound_event(
-                channel,
-                address=f"v{visitor}",
-                anonymous_id=f"v{visitor}",
-                text=text,
-                timestamp=now,
-                received_at=now,
-                dedup_key=key,
-            )
-            await mayak.writer.submit([ev])
-
         for i in range(turns):
-            await say(i, "hello", f"warm-{i}")
-        await mayak.drain()
+            await room.say(i, "hello", f"warm-{i}")
+        await room.mayak.drain()
         counts: collections.Counter[str] = collections.Counter()
         traced = [c for c in gc.get_objects() if isinstance(c, sqlite3.Connection)]
         for conn in traced:
             conn.set_trace_callback(lambda sql: counts.update([kind_of(sql)]))
         for i in range(turns):
-            await say(i, TEXTS[i % len(TEXTS)], f"turn-{i}")
-        await mayak.drain()
+            await room.say(i, TEXTS[i % len(TEXTS)], f"turn-{i}")
+        await room.mayak.drain()
         for conn in traced:
             conn.set_trace_callback(None)
         return counts
     finally:
-        await mayak.stop()
+        await room.mayak.stop()
 
 
 def main() -> None:
