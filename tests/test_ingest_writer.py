@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,3 +106,98 @@ async def test_failure_reaches_every_waiter(
     assert all(isinstance(o, RuntimeError) for o in outcomes)
     await asyncio.wait_for(mayak.writer.flush(), 5)  # the writer is idle again, not wedged
     assert await stored_users(mayak, ws["id"]) == []
+
+
+async def test_after_storing_for_a_lagging_lane_the_next_group_waits_for_it(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    """A group whose workspace's lane was behind is stored for the lane; the next group first waits
+    (a bounded time) for the lane to catch up, so that it is processed inline again."""
+    pipeline = mayak.pipeline
+    monkeypatch.setattr(writer_module, "LANE_CATCH_UP_S", 5.0)
+    real_caught_up, real_batch = pipeline._caught_up, pipeline._process_batch
+    behind = [True]
+    release = asyncio.Event()
+    inline: list[bool] = []
+
+    async def caught_up(conn: Any, ws_id: str) -> bool:
+        if behind[0]:
+            behind[0] = False
+            return False  # as if the lane held the workspace at that moment
+        ok = await real_caught_up(conn, ws_id)
+        inline.append(ok)
+        return ok
+
+    async def slow_lane(ws_id: str) -> int:
+        await release.wait()
+        return await real_batch(ws_id)
+
+    monkeypatch.setattr(pipeline, "_caught_up", caught_up)
+    monkeypatch.setattr(pipeline, "_process_batch", slow_lane)
+    stop = asyncio.Event()
+    lane = asyncio.create_task(pipeline.run_forever(stop))
+    try:
+        first = await mayak.writer.submit([event(ws["id"], "u1")])
+        assert first.accepted == 1 and mayak.writer._lane_owed
+        second = asyncio.create_task(mayak.writer.submit([event(ws["id"], "u2")]))
+        await asyncio.sleep(0.2)
+        assert not second.done()  # waiting for the lane, not appending behind it
+        release.set()
+        assert (await asyncio.wait_for(second, 5)).accepted == 1
+        assert inline == [True]  # the lane had caught up: the second group went inline
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(lane, 5)
+    assert await stored_users(mayak, ws["id"]) == ["u1", "u2"]
+
+
+async def test_a_lane_that_does_not_catch_up_holds_the_writer_only_briefly(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    pipeline = mayak.pipeline
+    monkeypatch.setattr(writer_module, "LANE_CATCH_UP_S", 0.2)
+    behind = [True]
+    real_caught_up = pipeline._caught_up
+
+    async def caught_up(conn: Any, ws_id: str) -> bool:
+        if behind[0]:
+            behind[0] = False
+            return False
+        return await real_caught_up(conn, ws_id)
+
+    async def stuck(ws_id: str) -> int:
+        await asyncio.sleep(3600)
+        return 0
+
+    monkeypatch.setattr(pipeline, "_caught_up", caught_up)
+    monkeypatch.setattr(pipeline, "_process_batch", stuck)
+    stop = asyncio.Event()
+    lane = asyncio.create_task(pipeline.run_forever(stop))
+    try:
+        await mayak.writer.submit([event(ws["id"], "u1")])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await mayak.writer.submit([event(ws["id"], "u2")])).accepted == 1
+        assert 0.15 <= loop.time() - started < 2.0
+    finally:
+        lane.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lane
+
+
+async def test_a_lane_position_is_known_before_statistics_are_refreshed(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    """``Pipeline.advanced`` records the new position before it runs an ANALYZE (which takes a
+    while on large tables): meanwhile the lane's idle check must not see processed events as work."""
+    pipeline = mayak.pipeline
+    seen: list[int] = []
+
+    async def refresh() -> None:
+        seen.append(pipeline._positions.get(ws["id"], 0))
+
+    monkeypatch.setattr(pipeline, "_refresh_statistics", refresh)
+    monkeypatch.setattr(pipeline, "_next_analyze", 0)
+    await pipeline.advanced(ws["id"], 41)
+    assert seen == [41]

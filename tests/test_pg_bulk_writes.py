@@ -137,3 +137,47 @@ async def test_many_changed_profiles_in_one_group_each_get_their_own_values(clie
             await sql.run(conn, PG_JOIN_DEFAULTS)
             assert (await sql.fetch(conn, "SHOW enable_hashjoin"))[0][0] == "on"
             assert (await sql.fetch(conn, "SHOW enable_mergejoin"))[0][0] == "on"
+
+
+async def test_the_lanes_idle_check_reads_the_index_end_not_the_table(client, mayak: Mayak, ws) -> None:
+    """``Pipeline._has_work`` says whether a workspace has events past the lane's position. On
+    PostgreSQL its query must not be planned as a table scan as a generic prepared statement: the
+    lane polls it, and "any row past the cursor, LIMIT 1" was a sequential scan of the whole log
+    whenever the lane was caught up."""
+    pipeline = mayak.pipeline
+    await _batch(client, ws, [{"type": "track", "userId": "u1", "event": "A"}])
+    await mayak.drain()
+    async with mayak.db.read() as conn:
+        last = (await conn.execute(sa.text("SELECT max(seq) FROM events"))).scalar()
+    asked: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.startswith("SELECT"):  # not the BEGIN of a SQLite read
+            asked.append(statement)
+
+    sa.event.listen(mayak.db.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        pipeline._positions[ws["id"]] = int(last)
+        assert await pipeline._has_work(ws["id"]) is False
+        pipeline._positions[ws["id"]] = int(last) - 1
+        assert await pipeline._has_work(ws["id"]) is True
+    finally:
+        sa.event.remove(mayak.db.engine.sync_engine, "before_cursor_execute", record)
+    pipeline._positions.pop(ws["id"])
+    assert await pipeline._has_work(ws["id"]) is True  # never looked: go and see
+    assert asked and len(set(asked)) == 1
+    if mayak.db.dialect == "postgresql":
+        async with mayak.db.write() as conn:  # a log of some size, with statistics
+            await conn.exec_driver_sql(
+                "INSERT INTO events (id, workspace_id, type, timestamp, received_at, source, payload) "
+                "SELECT 'evt_' || n, 'ws_other', 'track', n, n, 'api', '{}' FROM generate_series(1, 20000) n"
+            )
+        async with mayak.db.read() as conn:
+            await conn.exec_driver_sql("ANALYZE events")
+            await conn.exec_driver_sql(f"PREPARE idle_check AS {asked[0]}")
+            await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            params = "'w'" if asked[0].count("$") == 1 else "'w', 1"
+            explained = await conn.exec_driver_sql(f"EXPLAIN EXECUTE idle_check({params})")
+            plan = "\n".join(r[0] for r in explained)
+            await conn.exec_driver_sql("DEALLOCATE idle_check")
+        assert "Seq Scan" not in plan, plan

@@ -27,6 +27,9 @@ log = structlog.get_logger("mayak.ingest")
 
 MAX_GROUP_EVENTS = 20_000
 GROUP_LINGER_S = 0.01
+# After a group stored events for the lane (it was behind), the next group waits this long at most
+# for the lane to catch up, so that it is processed inline again (see IngestWriter._let_lane_catch_up).
+LANE_CATCH_UP_S = 1.0
 # Something that adds to events before they are appended, outside any transaction (e.g. asking a
 # remote NLU engine about a customer's message): it may take its time without holding the writer.
 Enricher = Callable[[Sequence[NewEvent]], Awaitable[None]]
@@ -48,6 +51,7 @@ class IngestWriter:
         # Set by the platform when profiles are processed inline (see Pipeline.process_new).
         self.pipeline: Pipeline | None = None
         self._stored_for_lane = False  # the last group stored events for a lane to process
+        self._lane_owed: dict[str, int] = {}  # workspace -> last seq stored for its lane to process
         # Asked about events from these sources only (ingestion pays one pass over a request's sources).
         self.enrichers: list[tuple[frozenset[str], Enricher]] = []
         # PostgreSQL: under load, how long a group may wait to fill up (see _fill).
@@ -108,6 +112,7 @@ class IngestWriter:
             if position is None:
                 await insert(self.db, conn, events, seqs)
                 self._stored_for_lane = True
+                self._lane_owed[ws_id] = seqs[-1]
             else:
                 advanced[ws_id] = position
         return result, advanced
@@ -135,6 +140,8 @@ class IngestWriter:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                if self._lane_owed:
+                    await self._let_lane_catch_up()
                 if self.linger_s:
                     await self._fill()
                 taken = size = 0
@@ -148,6 +155,28 @@ class IngestWriter:
                 self._last_group = size
                 await self._commit(group)
             self._idle.set()
+
+    async def _let_lane_catch_up(self) -> None:
+        """Wait (at most ``LANE_CATCH_UP_S``) for this process's lane to process what earlier groups
+        stored for it, before the next group.
+
+        A group is processed inline only when its workspace's lane is caught up; otherwise its
+        events are stored for the lane, which reads them back and attributes each one with a second
+        write. Under steady load a lane that fell behind once (it held the workspace's lock for a
+        moment) would stay behind, every group adding to its backlog, at a higher cost per event
+        than inline. Waiting lets it catch up, and the groups after are processed inline again. A
+        lane in another process (``mayak worker``) is not waited for."""
+        owed, self._lane_owed = self._lane_owed, {}
+        pipeline = self.pipeline
+        if pipeline is None or not pipeline.lane_running:
+            return
+        deadline = asyncio.get_running_loop().time() + LANE_CATCH_UP_S
+        for ws_id, seq in owed.items():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await pipeline.wait_for(ws_id, seq, timeout=left)
 
     async def _fill(self) -> None:
         """Wait a moment (at most ``linger_s``) while the queue holds less than half the last group.

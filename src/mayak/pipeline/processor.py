@@ -127,19 +127,24 @@ class Pipeline:
     # -- one batch ---------------------------------------------------------------------------
 
     async def _has_work(self, ws_id: str) -> bool:
-        """Cheap read-only check, so an idle workspace costs no write transaction."""
+        """Cheap read-only check, so an idle workspace costs no write transaction.
+
+        It asks for the workspace's last ``seq`` (one step down the ``(workspace_id, seq)`` index
+        from its end), not for "any row past the cursor, LIMIT 1": PostgreSQL plans that generic
+        prepared statement as a sequential scan that stops at the first match, which reads the whole
+        table when nothing matches, i.e. every time the lane is caught up (at 1,000,000 events,
+        130 ms of the server's CPU per poll)."""
         known = self._positions.get(ws_id)
         if known is None:
             return True
         sql = self.sql
         async with self.db.read() as conn:
-            row = (
+            last = (
                 await conn.exec_driver_sql(
-                    f"SELECT 1 FROM events WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} LIMIT 1",
-                    (ws_id, known),
+                    f"SELECT max(seq) FROM events WHERE workspace_id = {sql.p(1)}", (ws_id,)
                 )
-            ).first()
-        return row is not None
+            ).scalar()
+        return last is not None and int(last) > known
 
     async def _process_batch(self, ws_id: str) -> int:
         if not await self._has_work(ws_id):
@@ -343,13 +348,21 @@ class Pipeline:
             self._deliveries_pending = False
             if self.wake_deliveries is not None:
                 self.wake_deliveries()
-        if self._processed >= self._next_analyze:
-            self._next_analyze = self._processed * 2
-            await self._refresh_statistics()
+        # The position first: until it is known here the lane's idle check sees the new events as
+        # work, and a lane that takes the workspace's lock then keeps the next groups from being
+        # processed inline (an ANALYZE of large tables takes a few hundred ms).
         async with self._progress:
             if position > self._positions.get(ws_id, 0):
                 self._positions[ws_id] = position
             self._progress.notify_all()
+        if self._processed >= self._next_analyze:
+            self._next_analyze = self._processed * 2
+            await self._refresh_statistics()
+
+    @property
+    def lane_running(self) -> bool:
+        """This process runs the lane loop (``run_forever``)."""
+        return self._running
 
     async def _refresh_statistics(self) -> None:
         """PostgreSQL plans the hot lookups from table statistics; while tables grow from empty far
