@@ -76,38 +76,32 @@ async def test_storage_errors_are_sqlalchemy_errors(mayak: Mayak, ws) -> None:
     assert isinstance(caught.value.__cause__, IntegrityError)
 
 
-async def test_a_profile_update_leaves_the_indexed_merge_column_alone(client, mayak: Mayak, ws) -> None:
+async def test_a_profile_update_leaves_the_indexed_merge_column_alone(
+    client, mayak: Mayak, ws, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """SQLite rewrites an index whenever an UPDATE names one of its columns, even with the same value:
     an ordinary event's profile update must not name merged_into; a merge must still move it."""
     if mayak.db.dialect != "sqlite":
         pytest.skip("SQLite's statement shape")
-    import gc
-    import sqlite3
-
     await _batch(client, ws, [{"type": "identify", "userId": "u1", "traits": {"plan": "pro"}}])
     await _batch(client, ws, [{"type": "track", "anonymousId": "a1", "event": "Viewed"}])
     await mayak.drain()
-    updates: list[str] = []  # UPDATE customers statements
-    conns = []
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, sqlite3.Connection):
-                conns.append(obj)
-        except ReferenceError:  # a weak proxy whose object is gone
-            continue
-    for conn in conns:
-        conn.set_trace_callback(lambda sql: sql.startswith("UPDATE customers ") and updates.append(sql))
-    try:
-        await _batch(client, ws, [{"type": "track", "userId": "u1", "event": "Viewed"}])
-        await mayak.drain()
-        assert updates and not any("merged_into" in sql for sql in updates)
-        updates.clear()
-        await _batch(client, ws, [{"type": "alias", "userId": "u1", "previousId": "a1"}])
-        await mayak.drain()
-        assert any("merged_into" in sql for sql in updates)
-    finally:
-        for conn in conns:
-            conn.set_trace_callback(None)
+    updates: list[str] = []  # UPDATE customers statements (profile writes go through run_many)
+    run_many = FastSql.run_many
+
+    async def recording(self: FastSql, conn: Any, sql: str, rows: Any) -> None:
+        if sql.startswith("UPDATE customers "):
+            updates.append(sql)
+        await run_many(self, conn, sql, rows)
+
+    monkeypatch.setattr(FastSql, "run_many", recording)
+    await _batch(client, ws, [{"type": "track", "userId": "u1", "event": "Viewed"}])
+    await mayak.drain()
+    assert updates and not any("merged_into" in sql for sql in updates)
+    updates.clear()
+    await _batch(client, ws, [{"type": "alias", "userId": "u1", "previousId": "a1"}])
+    await mayak.drain()
+    assert any("merged_into" in sql for sql in updates)
     r = await client.get("/v1/customers", params={"identity": "anonymous_id:a1"}, headers=admin(ws))
     assert r.status_code == 200, r.text
 
