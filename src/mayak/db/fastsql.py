@@ -60,10 +60,16 @@ class FastSql:
         """PostgreSQL: a SELECT of one row per array position over column-array parameters, e.g.
         ``SELECT u.c0, u.c1::jsonb FROM unnest($1::text[], $2::text[]) AS u(c0, c1)``. ``jsonb``
         columns travel as text and are cast here. Run it with ``run_columns``."""
+        cols = ", ".join(f"u.c{i}::jsonb" if t == "jsonb" else f"u.c{i}" for i, t in enumerate(types))
+        return f"SELECT {cols} FROM {FastSql.unnest_rows(types, start)}"
+
+    @staticmethod
+    def unnest_rows(types: Sequence[str], start: int = 1) -> str:
+        """PostgreSQL: the FROM item of ``unnest``, ``unnest($1::text[], …) AS u(c0, …)``, for a
+        statement that joins the column arrays itself (``jsonb`` columns are text here)."""
         arrays = ", ".join(f"${start + i}::{'text' if t == 'jsonb' else t}[]" for i, t in enumerate(types))
         names = ", ".join(f"c{i}" for i in range(len(types)))
-        cols = ", ".join(f"u.c{i}::jsonb" if t == "jsonb" else f"u.c{i}" for i, t in enumerate(types))
-        return f"SELECT {cols} FROM unnest({arrays}) AS u({names})"
+        return f"unnest({arrays}) AS u({names})"
 
     # -- execution -----------------------------------------------------------------------------
     # Inside a write transaction on a SQLite file the statements go straight to the sqlite3

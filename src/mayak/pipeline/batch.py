@@ -414,11 +414,11 @@ class ProfileBatch:
                 for i, name in enumerate(names)
                 if i
             )
-            arrays = sql.unnest(PROFILE_TYPES).split(" FROM ", 1)[1]  # unnest(...) AS u(c0, ...)
+            rows = sql.unnest_rows(PROFILE_TYPES)
             await sql.run(self.conn, PG_JOIN_BY_KEY_ONLY)
             await sql.run_columns(
                 self.conn,
-                f"UPDATE customers AS c SET {assignments} FROM {arrays} WHERE c.id = u.c0",
+                f"UPDATE customers AS c SET {assignments} FROM {rows} WHERE c.id = u.c0",
                 changed_rows,
             )
             await sql.run(self.conn, PG_JOIN_DEFAULTS)
