@@ -339,6 +339,16 @@ class Database:
             self.sync_engine.dispose()
 
 
+def constant(value: Any) -> Any:
+    """``value`` written into the statement, not sent as a parameter. PostgreSQL plans a prepared
+    statement once for all parameter values (a generic plan) and then knows nothing of them: for a
+    poll such as "any row with status 'pending' due by now, LIMIT 1" over a large table it chose a
+    sequential scan, which reads the whole table whenever nothing is due. With the status written
+    in, it uses the index (or a partial index whose condition the constant implies). Only for
+    constants of the code, never for input."""
+    return sa.literal(value, literal_execute=True)
+
+
 @lru_cache(maxsize=4096)
 def _lock_key(workspace_id: str, purpose: str) -> int:
     digest = hashlib.blake2b(f"{purpose}:{workspace_id}".encode(), digest_size=8).digest()

@@ -53,7 +53,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.config import Settings
-from mayak.db.database import AFTER_COMMIT, Database
+from mayak.db.database import AFTER_COMMIT, Database, constant
 from mayak.db.fastsql import FastSql
 from mayak.db.schema import UNDELIVERED_SQL, outbox
 from mayak.ids import monotonic_ids, new_ids
@@ -65,13 +65,16 @@ log = structlog.get_logger("mayak.outbox")
 PENDING, IN_FLIGHT, SENT, FAILED, DEAD = "pending", "in_flight", "sent", "failed", "dead"
 STATUSES = (PENDING, IN_FLIGHT, SENT, FAILED, DEAD)
 _NOW = sa.bindparam("now", type_=sa.BigInteger)
-# Is anything due at all? (index ix_outbox_due; cheap, on a read connection)
+# Is anything due at all? (the undelivered rows' partial index; cheap, on a read connection; the
+# statuses are constants in the statement, see mayak.db.database.constant)
 _ANY_DUE = (
     sa.select(outbox.c.id)
     .where(
         sa.or_(
-            sa.and_(outbox.c.status.in_((PENDING, FAILED)), outbox.c.next_attempt_at <= _NOW),
-            sa.and_(outbox.c.status == IN_FLIGHT, outbox.c.lease_until <= _NOW),
+            sa.and_(
+                outbox.c.status.in_([constant(PENDING), constant(FAILED)]), outbox.c.next_attempt_at <= _NOW
+            ),
+            sa.and_(outbox.c.status == constant(IN_FLIGHT), outbox.c.lease_until <= _NOW),
         )
     )
     .limit(1)

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mayak.db.database import Database
+from mayak.db.database import Database, constant
 from mayak.db.schema import timers
 from mayak.eventlog import LogNotifier, NewEvent, append
 from mayak.ids import new_id
@@ -100,9 +100,11 @@ async def cancel(conn: AsyncConnection, workspace_id: str, key: str) -> bool:
     return bool(res.rowcount)
 
 
+# Is any timer due? (index ix_timers_due; the status is a constant in the statement, see
+# mayak.db.database.constant)
 _ANY_DUE = (
     sa.select(timers.c.id)
-    .where(timers.c.status == PENDING, timers.c.fire_at <= sa.bindparam("now", type_=sa.BigInteger))
+    .where(timers.c.status == constant(PENDING), timers.c.fire_at <= sa.bindparam("now", type_=sa.BigInteger))
     .limit(1)
 )
 
