@@ -133,7 +133,7 @@ class Pipeline:
         from its end), not for "any row past the cursor, LIMIT 1": PostgreSQL plans that generic
         prepared statement as a sequential scan that stops at the first match, which reads the whole
         table when nothing matches, i.e. every time the lane is caught up (at 1,000,000 events,
-        130 ms of the server's CPU per poll)."""
+        130 ms of PostgreSQL's CPU per poll)."""
         known = self._positions.get(ws_id)
         if known is None:
             return True
