@@ -179,26 +179,29 @@ async def test_the_lanes_idle_check_reads_the_index_end_not_the_table(client, ma
 
 
 async def test_the_outbox_and_timer_polls_use_their_indexes(mayak: Mayak, ws) -> None:
-    """The outbox dispatcher and the timer worker ask "is anything due?" on every poll. Their status
-    values are written into the statement: PostgreSQL's generic plan for a status *parameter* was a
-    sequential scan of the whole table (every message and timer ever), 30-60 ms per poll at 300,000
-    rows, whenever nothing was due."""
-    if mayak.db.dialect == "postgresql":
-        async with mayak.db.write() as conn:  # history of some size, with statistics
-            await conn.exec_driver_sql(
-                "INSERT INTO outbox (id, workspace_id, customer_id, kind, target, payload, idempotency_key, "
-                "status, attempts, next_attempt_at, created_at, updated_at) SELECT 'obx_' || n, 'ws_other', "
-                "'cus_' || (n % 1000), 'webhook', 't', '{}', 'k' || n, 'sent', 1, n, n, n "
-                "FROM generate_series(1, 20000) n"
-            )
-            await conn.exec_driver_sql(
-                "INSERT INTO timers (id, workspace_id, kind, key, fire_at, payload, status, created_at) "
-                "SELECT 'tmr_' || n, 'ws_other', 'k', 'key' || n, n, '{}', 'fired', n "
-                "FROM generate_series(1, 20000) n"
-            )
-        async with mayak.db.read() as conn:
-            await conn.exec_driver_sql("ANALYZE outbox")
-            await conn.exec_driver_sql("ANALYZE timers")
+    """The outbox dispatcher and the timer worker ask "is anything due?" on every poll, over a table
+    holding every message and timer ever, nearly all of them sent or fired. PostgreSQL's generic plan
+    for a status *parameter* was a sequential scan (30-60 ms per poll at 300,000 rows); SQLite, with
+    the statistics ``PRAGMA optimize`` gathers, scanned the outbox for an OR of the two due
+    conditions (4.6 ms per poll at 33,000 rows)."""
+    numbers = (
+        "generate_series(1, 20000) n"
+        if mayak.db.dialect == "postgresql"
+        else "(WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < 20000) "
+        "SELECT n FROM s)"
+    )
+    async with mayak.db.write() as conn:  # history of some size, with statistics
+        await conn.exec_driver_sql(
+            "INSERT INTO outbox (id, workspace_id, customer_id, kind, target, payload, idempotency_key, "
+            "status, attempts, next_attempt_at, created_at, updated_at) SELECT 'obx_' || n, 'ws_other', "
+            f"'cus_' || (n % 1000), 'webhook', 't', '{{}}', 'k' || n, 'sent', 1, n, n, n FROM {numbers}"
+        )
+        await conn.exec_driver_sql(
+            "INSERT INTO timers (id, workspace_id, kind, key, fire_at, payload, status, created_at) "
+            f"SELECT 'tmr_' || n, 'ws_other', 'k', 'key' || n, n, '{{}}', 'fired', n FROM {numbers}"
+        )
+        await conn.exec_driver_sql("ANALYZE outbox")  # in the committed transaction: kept
+        await conn.exec_driver_sql("ANALYZE timers")
     asked: list[tuple[str, Any]] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
@@ -226,3 +229,11 @@ async def test_the_outbox_and_timer_polls_use_their_indexes(mayak: Mayak, ws) ->
                 )
                 await conn.exec_driver_sql(f"DEALLOCATE poll{i}")
                 assert "Seq Scan" not in plan, plan
+    else:
+        async with mayak.db.read() as conn:
+            for statement, parameters in asked:
+                plan = "\n".join(
+                    str(r[-1])
+                    for r in await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+                )
+                assert "SCAN outbox" not in plan and "SCAN timers" not in plan, plan

@@ -53,7 +53,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.config import Settings
-from mayak.db.database import AFTER_COMMIT, Database, constant
+from mayak.db.database import AFTER_COMMIT, Database
 from mayak.db.fastsql import FastSql
 from mayak.db.schema import UNDELIVERED_SQL, outbox
 from mayak.ids import monotonic_ids, new_ids
@@ -64,21 +64,27 @@ log = structlog.get_logger("mayak.outbox")
 
 PENDING, IN_FLIGHT, SENT, FAILED, DEAD = "pending", "in_flight", "sent", "failed", "dead"
 STATUSES = (PENDING, IN_FLIGHT, SENT, FAILED, DEAD)
-_NOW = sa.bindparam("now", type_=sa.BigInteger)
-# Is anything due at all? (the undelivered rows' partial index; cheap, on a read connection; the
-# statuses are constants in the statement, see mayak.db.database.constant)
-_ANY_DUE = (
-    sa.select(outbox.c.id)
-    .where(
-        sa.or_(
-            sa.and_(
-                outbox.c.status.in_([constant(PENDING), constant(FAILED)]), outbox.c.next_attempt_at <= _NOW
-            ),
-            sa.and_(outbox.c.status == constant(IN_FLIGHT), outbox.c.lease_until <= _NOW),
-        )
-    )
-    .limit(1)
-)
+
+
+def _any_due(dialect: str) -> sa.TextClause:
+    """ "Is anything due at all?" One probe of ``ix_outbox_due`` per kind of due row: an OR of the
+    two in one WHERE was planned as a scan of every message ever stored. The statuses are constants
+    in the statement (see ``mayak.db.database.constant``: PostgreSQL's generic plan for status
+    parameters was a scan too).
+
+    On SQLite the index is named (``INDEXED BY``; SQLAlchemy's SQLite dialect does not render
+    table hints): the statistics ``PRAGMA optimize`` gathers say ``status`` has a few values, not
+    that nearly every row holds ``sent``, and with them SQLite scanned the table for the in-flight
+    probe (4.6 ms a poll at 33,000 rows, against 5 µs through the index)."""
+    hint = " INDEXED BY ix_outbox_due" if dialect == "sqlite" else ""
+    return sa.text(
+        f"SELECT id FROM (SELECT id FROM outbox{hint} WHERE status IN ('{PENDING}', '{FAILED}') "
+        "AND next_attempt_at <= :now LIMIT 1) AS due UNION ALL "
+        f"SELECT id FROM (SELECT id FROM outbox{hint} WHERE status = '{IN_FLIGHT}' "
+        "AND lease_until <= :now LIMIT 1) AS leased"
+    ).bindparams(sa.bindparam("now", type_=sa.BigInteger))
+
+
 UNDELIVERED = (PENDING, IN_FLIGHT, FAILED)
 MAX_BACKOFF_MS = 3_600_000
 MAX_RETRY_AFTER_MS = 86_400_000  # a receiver's "come back in N s" is honoured up to a day
@@ -459,6 +465,7 @@ class OutboxDispatcher:
         self.lease_ms = int(self.attempt_timeout_s * 1000) + LEASE_MARGIN_MS
         self._handlers: dict[str, Handler] = {}
         self._claim_query: sa.Select[Any] | None = None
+        self._any_due = _any_due(db.dialect)
         self._recorder = _Recorder(self._record)
         self._rng = random.Random()
         self._depth_refreshed = -1e9
@@ -692,7 +699,7 @@ class OutboxDispatcher:
         if self._claim_query is None:
             self._claim_query = self._build_claim_query()
         async with self.db.read() as conn:  # most polls find nothing: do not take the write lock
-            if (await conn.execute(_ANY_DUE, {"now": now})).first() is None:
+            if (await conn.execute(self._any_due, {"now": now})).first() is None:
                 return []
         query = self._claim_query
         lease = now + self.lease_ms
@@ -723,8 +730,6 @@ class OutboxDispatcher:
             .where(sa.text("p." + UNDELIVERED_SQL), p.c.customer_id.is_not(None))
             .group_by(p.c.workspace_id, p.c.customer_id, p.c.target)
         )
-        if self.db.dialect == "sqlite":
-            heads = heads.with_hint(p, "INDEXED BY ix_outbox_undelivered", "sqlite")
         query = (
             sa.select(o)
             .where(due, o.c.kind.in_(list(self._handlers)))
