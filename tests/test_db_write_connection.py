@@ -81,3 +81,45 @@ async def test_a_driver_failure_gives_the_connection_up(tmp_path: Path) -> None:
     async with db.read() as conn:
         assert (await conn.execute(sa.text("SELECT v FROM t"))).scalars().all() == ["after"]
     await db.dispose()
+
+
+async def test_the_commit_runs_off_the_event_loop_while_the_loop_serves_others(tmp_path: Path) -> None:
+    """COMMIT writes the pages to the log with the GIL released, on the committer's thread: the
+    event loop is free meanwhile, and the writer still sees the commit done before it goes on."""
+    import asyncio
+    import threading
+
+    db = await _db(tmp_path)
+    loop_thread = threading.get_ident()
+    threads: dict[str, set[int]] = {}
+
+    def trace(sql: str) -> None:
+        threads.setdefault(sql.split()[0].upper(), set()).add(threading.get_ident())
+
+    async with db.write() as conn:
+        _raw(conn).set_trace_callback(trace)
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('a')")
+    assert threads["INSERT"] == {loop_thread}
+    assert threads["COMMIT"] and loop_thread not in threads["COMMIT"]
+    plain = sqlite3.connect(tmp_path / "w.db")  # committed when write() returned
+    assert plain.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    plain.close()
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    before = ticks
+    async with db.write() as conn:
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", ("x" * 100_000,))
+        inside = ticks
+    task.cancel()
+    assert inside == before  # statements run inline: nothing else ran inside the transaction
+    assert ticks > inside  # while the commit was written, the loop ran the ticker
+    await db.dispose()

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -467,6 +468,12 @@ class _InlineTx:
             future.set_exception(exc)
 
 
+@lru_cache(maxsize=1)
+def _committer() -> ThreadPoolExecutor:
+    """The one thread that runs inline SQLite commits (one write transaction at a time anyway)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="mayak-sqlite-commit")
+
+
 class InlineSqlite:
     def __init__(self, conn: sqlite3.Connection):
         self._conn: sqlite3.Connection | None = conn
@@ -496,7 +503,13 @@ class InlineSqlite:
         return await self.cursor().execute(sql, parameters)
 
     async def commit(self) -> None:
-        self._live().commit()
+        # COMMIT writes the transaction's pages to the log: the driver lets go of the GIL while
+        # it does, so it runs on the committer's thread and the event loop gets on with other
+        # sockets meanwhile. The caller holds the write lock: nothing else touches this
+        # connection until the commit is done.
+        conn = self._live()
+        if conn.in_transaction:
+            await asyncio.get_running_loop().run_in_executor(_committer(), conn.commit)
 
     async def rollback(self) -> None:
         self._live().rollback()
