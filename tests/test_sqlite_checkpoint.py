@@ -117,3 +117,62 @@ async def test_a_reader_that_needs_the_log_does_not_make_every_write_settle(tmp_
     reader.execute("COMMIT")
     reader.close()
     await db.dispose()
+
+
+def _writer(path: Path) -> sqlite3.Connection:
+    """A connection that stays open (closing the last one would checkpoint and remove the log)."""
+    plain = sqlite3.connect(path, isolation_level=None)
+    plain.execute("PRAGMA journal_mode=WAL")
+    plain.execute("PRAGMA wal_autocheckpoint=0")
+    plain.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, v TEXT)")
+    return plain
+
+
+def _writes(writer: sqlite3.Connection, rows: int) -> None:
+    """One transaction of ``rows`` rows of a page each: about one frame a row."""
+    writer.execute("BEGIN")
+    for i in range(rows):
+        writer.execute("INSERT INTO t (v) VALUES (?)", ("x" * 3000 + str(i),))
+    writer.execute("COMMIT")
+
+
+def test_a_long_log_waits_for_a_short_pass_before_a_restart_is_due(tmp_path: Path) -> None:
+    """Once the log is long, passes run back to back; the restart is due only after one short
+    enough that the settle (which the writer waits for) will be short too, or at twice the length."""
+    path = tmp_path / "p.db"
+    writer = _writer(path)
+    checkpointer = Checkpointer(str(path), restart_frames=20, settle_pass_s=-1.0)  # no pass is short
+    _writes(writer, 30)  # about 30 frames: long, but under twice the length
+    assert checkpointer.checkpoint() is True
+    assert checkpointer.restart_near and not checkpointer.restart_due
+    assert checkpointer.pass_frames == checkpointer.log_frames > 20
+    assert checkpointer.checkpoint() is True
+    assert checkpointer.pass_frames == 0  # nothing new: the thread waits instead of spinning
+    checkpointer.stop()
+    writer.close()
+
+    path = tmp_path / "h.db"
+    writer = _writer(path)
+    hard = Checkpointer(str(path), restart_frames=20, settle_pass_s=-1.0)
+    _writes(writer, 50)  # past twice the length: due, however long the passes take
+    hard.checkpoint()
+    assert hard.log_frames >= 40 and hard.restart_due
+    hard.stop()
+
+    quick = Checkpointer(str(path), restart_frames=20, settle_pass_s=60.0)  # every pass is short
+    quick.checkpoint()
+    assert quick.restart_near and quick.restart_due
+    quick.stop()
+    writer.close()
+
+
+def test_a_short_log_keeps_the_thread_on_its_interval(tmp_path: Path) -> None:
+    path = tmp_path / "q.db"
+    writer = _writer(path)
+    checkpointer = Checkpointer(str(path), restart_frames=10_000)
+    _writes(writer, 30)
+    assert checkpointer.checkpoint() is True
+    assert checkpointer.pass_frames > 0
+    assert not checkpointer.restart_near and not checkpointer.restart_due
+    checkpointer.stop()
+    writer.close()
