@@ -83,11 +83,15 @@ async def test_a_driver_failure_gives_the_connection_up(tmp_path: Path) -> None:
     await db.dispose()
 
 
-async def test_the_commit_runs_off_the_event_loop_while_the_loop_serves_others(tmp_path: Path) -> None:
-    """COMMIT writes the pages to the log with the GIL released, on the committer's thread: the
-    event loop is free meanwhile, and the writer still sees the commit done before it goes on."""
+async def test_a_large_commit_runs_off_the_event_loop_a_small_one_on_it(tmp_path: Path) -> None:
+    """COMMIT writes the pages to the log with the GIL released: a transaction that changed many
+    rows commits on the committer's thread, and the event loop is free meanwhile; one that changed a
+    few commits at once on the loop (handing it over would cost more). Either way the writer sees
+    the commit done before it goes on."""
     import asyncio
     import threading
+
+    from mayak.db.database import OFFLOAD_COMMIT_CHANGES
 
     db = await _db(tmp_path)
     loop_thread = threading.get_ident()
@@ -99,10 +103,16 @@ async def test_the_commit_runs_off_the_event_loop_while_the_loop_serves_others(t
     async with db.write() as conn:
         _raw(conn).set_trace_callback(trace)
         await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('a')")
+    assert threads["COMMIT"] == {loop_thread}  # small: committed inline
+    threads.clear()
+
+    rows = [(f"r{i}",) for i in range(OFFLOAD_COMMIT_CHANGES)]
+    async with db.write() as conn:
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", rows)
     assert threads["INSERT"] == {loop_thread}
-    assert threads["COMMIT"] and loop_thread not in threads["COMMIT"]
+    assert threads["COMMIT"] and loop_thread not in threads["COMMIT"]  # large: on the thread
     plain = sqlite3.connect(tmp_path / "w.db")  # committed when write() returned
-    assert plain.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+    assert plain.execute("SELECT count(*) FROM t").fetchone()[0] == 1 + OFFLOAD_COMMIT_CHANGES
     plain.close()
 
     ticks = 0
@@ -117,9 +127,18 @@ async def test_the_commit_runs_off_the_event_loop_while_the_loop_serves_others(t
     await asyncio.sleep(0)
     before = ticks
     async with db.write() as conn:
-        await conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", ("x" * 100_000,))
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", rows)
         inside = ticks
     task.cancel()
     assert inside == before  # statements run inline: nothing else ran inside the transaction
     assert ticks > inside  # while the commit was written, the loop ran the ticker
+
+    threads.clear()  # a rollback's changes do not count towards the next commit
+    with pytest.raises(RuntimeError):
+        async with db.write() as conn:
+            await conn.exec_driver_sql("INSERT INTO t (v) VALUES (?)", rows)
+            raise RuntimeError("the caller failed")
+    async with db.write() as conn:
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('b')")
+    assert threads["COMMIT"] == {loop_thread}
     await db.dispose()
