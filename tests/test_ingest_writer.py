@@ -200,4 +200,32 @@ async def test_a_lane_position_is_known_before_statistics_are_refreshed(
     monkeypatch.setattr(pipeline, "_refresh_statistics", refresh)
     monkeypatch.setattr(pipeline, "_next_analyze", 0)
     await pipeline.advanced(ws["id"], 41)
+    await pipeline.close()
     assert seen == [41]
+
+
+async def test_the_writer_does_not_wait_for_a_statistics_refresh(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    """The refresh (an ANALYZE, a second or two on large PostgreSQL tables) runs in the background,
+    one at a time; the writer, which calls ``advanced`` after every commit, goes on meanwhile."""
+    pipeline = mayak.pipeline
+    release = asyncio.Event()
+    runs = 0
+
+    async def refresh() -> None:
+        nonlocal runs
+        runs += 1
+        await release.wait()
+
+    monkeypatch.setattr(pipeline, "_refresh_statistics", refresh)
+    monkeypatch.setattr(pipeline, "_next_analyze", 0)
+    await asyncio.wait_for(pipeline.advanced(ws["id"], 1), 1.0)  # returns while the refresh runs
+    monkeypatch.setattr(pipeline, "_next_analyze", 0)
+    assert (await mayak.writer.submit([event(ws["id"], "u9")])).accepted == 1
+    await asyncio.wait_for(pipeline.advanced(ws["id"], 2), 1.0)
+    await asyncio.sleep(0)
+    assert runs == 1  # the second one was not started while the first ran
+    release.set()
+    await pipeline.close()
+    assert runs == 1

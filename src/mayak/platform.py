@@ -139,6 +139,7 @@ class Mayak:
                 await task
         self._tasks.clear()
         await self.writer.stop()
+        await self.pipeline.close()
         await self.bus.stop()
         await self.destinations.close()
         await self.channels.close()
