@@ -18,13 +18,12 @@ serving requests, which copies the frames written since the last one. The transa
 the log afresh; ``journal_size_limit`` trims the file.
 
 The writer waits for that settle, and for the pass already running when it asks, so both must be
-short. A pass costs about what it copies (the copy, then the sync that writes those pages out),
-and under steady writes it copies what was appended during the pass before. So once the log is
-long the thread runs passes back to back, each copying what the last one left, and their sizes
-shrink towards a few hundred frames; only a pass of at most ``settle_pass_s`` (or a log of
-``HARD_RESTART_FACTOR`` times the length, should the passes not shrink) makes the restart due.
-A pass that finds the writer between transactions copies little or nothing, and that is
-usually the one that makes the restart due.
+short. A pass costs a sync of the database file plus what it copies, and under steady writes it
+copies what was appended during the pass before. So once the log is long the thread runs passes
+back to back, each copying what the last one left, and only a pass of at most ``settle_pass_s``
+(or a log of ``HARD_RESTART_FACTOR`` times the length, should no pass be that short) makes the
+restart due. In practice that is a pass that found the writer between transactions and had
+little or nothing to copy: with something to copy, the sync alone takes longer.
 
 Measured on 1,000,000 events of SQLite ingestion (``bench/ingest_http.py``): with a restart every
 32,000 frames, settled after the first pass over the length, the writer stalled 60-200 ms about
@@ -146,8 +145,8 @@ class Checkpointer:
                 log.warning("sqlite_checkpoint_failed", error=str(exc))
                 return False
             self.checkpoints += 1
-            # a log that started over since the last pass: everything copied is new
-            self.pass_frames = copied - self.copied_frames if frames >= self.log_frames else copied
+            # fewer copied than last time: the log started over since, and everything copied is new
+            self.pass_frames = copied - self.copied_frames if copied >= self.copied_frames else copied
             self.log_frames, self.copied_frames = frames, copied
             self.restart_near = frames >= self.restart_frames and time.monotonic() >= self._hold_until
             self.restart_due = self.restart_near and (

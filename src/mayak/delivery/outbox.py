@@ -67,10 +67,10 @@ STATUSES = (PENDING, IN_FLIGHT, SENT, FAILED, DEAD)
 
 
 def _any_due(dialect: str) -> sa.TextClause:
-    """ "Is anything due at all?" One probe of ``ix_outbox_due`` per kind of due row: an OR of the
-    two in one WHERE was planned as a scan of every message ever stored. The statuses are constants
-    in the statement (see ``mayak.db.database.constant``: PostgreSQL's generic plan for status
-    parameters was a scan too).
+    """The poll that asks whether anything is due at all: one probe of ``ix_outbox_due`` per kind
+    of due row. An OR of the two in one WHERE was planned as a scan of every message ever stored.
+    The statuses are constants in the statement (see ``mayak.db.database.constant``: PostgreSQL's
+    generic plan for status parameters was a scan too).
 
     On SQLite the index is named (``INDEXED BY``; SQLAlchemy's SQLite dialect does not render
     table hints): the statistics ``PRAGMA optimize`` gathers say ``status`` has a few values, not

@@ -360,8 +360,8 @@ class Pipeline:
         if self._processed >= self._next_analyze:
             self._next_analyze = self._processed * 2
             # In the background: the writer calls this after every commit, and an ANALYZE of large
-            # tables takes a second or two on PostgreSQL (5 % of a 1,000,000-event run when the
-            # writer waited for them). One at a time; ``close`` waits for the one running.
+            # tables takes a second or two on PostgreSQL (about 5 s of a 1,000,000-event run when
+            # the writer waited for them). One at a time; ``close`` waits for the one running.
             if self._analyzing is None or self._analyzing.done():
                 self._analyzing = asyncio.create_task(self._refresh_statistics(), name="mayak-analyze")
 
