@@ -352,7 +352,7 @@ class Pipeline:
                 self.wake_deliveries()
         # The position first: until it is known here the lane's idle check sees the new events as
         # work, and a lane that takes the workspace's lock then keeps the next groups from being
-        # processed inline (an ANALYZE of large tables takes a few hundred ms).
+        # processed inline.
         async with self._progress:
             if position > self._positions.get(ws_id, 0):
                 self._positions[ws_id] = position
