@@ -555,10 +555,8 @@ async def test_a_turn_reads_the_customer_the_pipeline_just_wrote(
     queries = recorded_sql(monkeypatch, "fetch")
     await bot.say(payload="book_service", title="Book a service visit")
     assert "Which car" in bot.chat.texts()[-1]
-    # at most one read of the customer for the whole turn: the profile batch's, which the router
-    # reuses; on SQLite none (the pipeline's cache holds the row the last turn wrote)
-    expected = 0 if bot.mayak.db.profile_cache is not None else 1
-    assert sum("FROM customers" in q for q in queries) == expected, queries
+    # one read of the customer for the whole turn: the profile batch's, which the router reuses
+    assert sum("FROM customers" in q for q in queries) == 1, queries
 
 
 async def test_a_turn_names_the_indexed_conversation_columns_only_when_they_change(

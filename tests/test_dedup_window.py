@@ -52,8 +52,8 @@ async def test_expired_keys_are_pruned(client, mayak: Mayak, ws) -> None:
 
 
 async def test_one_batch_of_new_duplicate_expired_and_repeated_keys(client, mayak: Mayak, ws) -> None:
-    """Every kind of key in one request, with the duplicate's key stamped in the future (a clock
-    that went back): SQLite stores them with one upsert and looks up only when it left some alone."""
+    """Every kind of key in one request, the duplicate's key stamped in the future (a clock that
+    went back): each is judged on its own."""
 
     def track(mid: str) -> dict[str, Any]:
         return {"type": "track", "userId": "u1", "event": "X", "messageId": mid}
@@ -70,13 +70,8 @@ async def test_one_batch_of_new_duplicate_expired_and_repeated_keys(client, maya
     batch = [track("new"), track("dup"), track("old"), track("new")]
     r = await client.post("/v1/batch", json={"batch": batch}, auth=write_auth(ws))
     assert (r.json()["accepted"], r.json()["duplicates"]) == (2, 2), r.json()
-    # the fast path: nothing but new keys
-    r = await client.post("/v1/batch", json={"batch": [track("a"), track("b")]}, auth=write_auth(ws))
-    assert (r.json()["accepted"], r.json()["duplicates"]) == (2, 0)
     async with mayak.db.read() as conn:
         stored = (await conn.execute(sa.select(sa.func.count()).select_from(events))).scalar_one()
         seen = dict((await conn.execute(sa.select(dedup_keys.c.key, dedup_keys.c.seen_at))).all())
-    assert stored == 6
+    assert stored == 4
     assert seen["mid:old"] > now_ms() - DAY  # refreshed: the window starts again
-    if mayak.db.dialect == "sqlite":
-        assert seen["mid:a"] > seen["mid:dup"]  # stamped after every stored key

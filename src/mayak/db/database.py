@@ -33,7 +33,6 @@ from sqlalchemy.pool import StaticPool
 from mayak.db.checkpoint import Checkpointer
 from mayak.db.schema import metadata
 from mayak.errors import StorageError
-from mayak.pipeline.cache import ProfileCache
 
 T = TypeVar("T")
 log = structlog.get_logger("mayak.db")
@@ -69,8 +68,6 @@ class Database:
         self.memory = self.dialect == "sqlite" and (":memory:" in self.url or self.url.endswith("///"))
         kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
         self.checkpointer: Checkpointer | None = None
-        # SQLite: identities and profiles as last committed by this process (see pipeline/cache.py)
-        self.profile_cache: ProfileCache | None = ProfileCache() if self.dialect == "sqlite" else None
         if self.dialect == "sqlite":
             if self.memory:
                 kwargs["poolclass"] = StaticPool

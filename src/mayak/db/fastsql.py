@@ -102,19 +102,19 @@ class FastSql:
         except sqlite3.Error as exc:
             raise _wrap(sql, params, exc) from exc
 
-    async def run_many(self, conn: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]) -> int | None:
-        """One statement for many parameter rows (executemany). On SQLite returns the number of
-        rows it changed (an upsert's update counts; a conflict it leaves alone does not)."""
+    async def run_many(self, conn: AsyncConnection, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for many parameter rows (executemany)."""
         if not rows:
-            return 0
+            return
         if self.pg:
             await pg_call(conn, "executemany", sql, rows)
-            return None
+            return
         raw = _raw(conn)
         if raw is None:
-            return int((await conn.exec_driver_sql(sql, list(rows))).rowcount)
+            await conn.exec_driver_sql(sql, list(rows))
+            return
         try:
-            return raw.executemany(sql, rows).rowcount
+            raw.executemany(sql, rows)
         except sqlite3.Error as exc:
             raise _wrap(sql, rows, exc) from exc
 

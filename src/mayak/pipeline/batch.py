@@ -21,7 +21,6 @@ from mayak.db.fastsql import FastSql
 from mayak.db.schema import CUSTOMER_TABLES, customers
 from mayak.eventlog import LoggedEvent, NewEvent
 from mayak.ids import derived_id
-from mayak.pipeline.cache import ProfileCache
 from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, event_keys, suppression_hash
 from mayak.pipeline.profile import (
     JSON_POSITIONS,
@@ -70,11 +69,6 @@ class ProfileBatch:
         self.merges: list[tuple[str, str]] = []
         self.derived: list[NewEvent] = []
         self.conflicts = 0
-        cache = db.profile_cache
-        self.cache = cache if cache is not None and cache.enabled else None
-        # For the cache: profile rows read from the database, identities found in the cache.
-        self.fetched: dict[str, tuple[Any, ...]] = {}
-        self.cached_keys: set[Key] = set()
 
     # -- resolution helpers ------------------------------------------------------------------
 
@@ -180,20 +174,8 @@ class ProfileBatch:
         if check_suppressions and keys:
             await self._apply_suppressions(items, keys)
         by_kind: dict[str, list[str]] = {}
-        cache = self.cache
-        if cache is not None:
-            await self._check_cache(cache)
-            known, ws = cache.identities, self.ws
-            for key in keys:
-                cid = known.get((ws, *key))
-                if cid is None:
-                    by_kind.setdefault(key[0], []).append(key[1])
-                else:
-                    self.idmap[key] = cid
-                    self.cached_keys.add(key)
-        else:
-            for kind, value in keys:
-                by_kind.setdefault(kind, []).append(value)
+        for kind, value in keys:
+            by_kind.setdefault(kind, []).append(value)
         sql = self.sql
         query = (
             f"SELECT value, customer_id FROM identities WHERE workspace_id = {sql.p(1)} AND kind = {sql.p(2)}"
@@ -205,14 +187,6 @@ class ProfileBatch:
                 self.idmap[(kind, found_value)] = cid
         await self._load_profiles(set(self.idmap.values()) | targets)
         return items
-
-    async def _check_cache(self, cache: ProfileCache) -> None:
-        """Empty the cache if another connection committed since it was last checked (the version
-        counts commits by *other* connections, so it is compared on the same connection only)."""
-        rows = await self.sql.fetch(self.conn, "PRAGMA data_version")
-        sync = self.conn.sync_connection
-        connection = sync.connection.dbapi_connection if sync is not None else None
-        cache.check(connection, int(rows[0][0]))
 
     async def _apply_suppressions(self, items: list[_Item], keys: set[Key]) -> None:
         hashes = {key: suppression_hash(self.ws, key) for key in keys}
@@ -240,23 +214,8 @@ class ProfileBatch:
         columns = PROFILE_TEXT_COLUMNS if sql.pg else PROFILE_COLUMNS
         query = f"SELECT {columns} FROM customers WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}"
         pending = {cid for cid in ids if cid not in self.profiles}
-        cached = self.cache.profiles if self.cache is not None else None
         while pending:
-            rows: list[Any] = []
-            if cached is not None:
-                missing = []
-                for cid in pending:
-                    row = cached.get((self.ws, cid))
-                    if row is None:
-                        missing.append(cid)
-                    else:
-                        rows.append(row)
-                if missing:
-                    found = await sql.fetch(self.conn, query, (self.ws, sql.list_param(missing)))
-                    self.fetched.update((row[0], row) for row in found)
-                    rows.extend(found)
-            else:
-                rows = await sql.fetch(self.conn, query, (self.ws, sql.list_param(list(pending))))
+            rows = await sql.fetch(self.conn, query, (self.ws, sql.list_param(list(pending))))
             pending = set()
             for row in rows:
                 profile = Profile.from_tuple(row)
@@ -401,23 +360,17 @@ class ProfileBatch:
         new_rows: list[tuple[Any, ...]] = []
         moved_rows: list[tuple[Any, ...]] = []
         changed_rows: list[tuple[Any, ...]] = []
-        written: list[tuple[Any, ...]] = []
         for profile in self.profiles.values():
             if profile.merged_into and profile.id in self.parent:
                 profile.merged_into = self.find(profile.id)
             if profile.new:
-                values = profile.to_tuple(self.now)
-                new_rows.append((ws, *values))
-                written.append(values)
+                new_rows.append((ws, *profile.to_tuple(self.now)))
             elif profile.dirty:
                 values = profile.to_tuple(self.now)
-                written.append(values)
                 if profile.merged_into != profile.stored_merged_into:
                     moved_rows.append((*values[1:], values[0]))
                 else:
                     changed_rows.append((*values[2:], values[0]))
-        if self.cache is not None:
-            self._stage_for_cache(self.cache, written)
         if new_rows:
             await sql.run_many(
                 conn,
@@ -430,24 +383,6 @@ class ProfileBatch:
             if rows:
                 assignments = ", ".join(f"{name} = ?" for name in columns)
                 await sql.run_many(conn, f"UPDATE customers SET {assignments} WHERE id = ?", rows)
-
-    def _stage_for_cache(self, cache: ProfileCache, written: list[tuple[Any, ...]]) -> None:
-        """Drop the rows this transaction rewrites from the cache now; once it commits, remember
-        every identity and profile row the batch read or wrote (see pipeline/cache.py)."""
-        ws = self.ws
-        cache.forget_profiles(ws, (values[0] for values in written))
-        fetched = self.fetched
-        for values in written:
-            fetched.pop(values[0], None)
-        profiles = written + list(fetched.values())
-        # what the cache does not hold yet: found in the database, new, or moved by a merge
-        identities: list[tuple[Key, str]] = []
-        parent, cached_keys = self.parent, self.cached_keys
-        for key, cid in self.idmap.items():
-            if key not in cached_keys or cid in parent:
-                identities.append((key, self.find(cid)))
-        if not self.db.after_commit(self.conn, lambda: cache.store(ws, identities, profiles)):
-            cache.clear()  # outside a write() transaction nothing tells when the rows are committed
 
     async def _write_profiles_pg(self) -> None:
         """PostgreSQL: new profiles in one INSERT over column arrays, changed ones row by row; a JSON

@@ -399,12 +399,6 @@ class CustomerService:
             ],
         }
 
-    def _forget_cached_profiles(self) -> None:
-        """Identities and profiles are about to change outside the pipeline's batches: the
-        pipeline's cache of them (SQLite) starts empty (see pipeline/cache.py)."""
-        if self.db.profile_cache is not None:
-            self.db.profile_cache.clear()
-
     async def erase(self, ws_id: str, customer_id: str, actor: str) -> dict[str, Any]:
         """Erase a person: profile, identities, events, messages, timers; keep hashed identifiers only."""
         await self._catch_up(ws_id)
@@ -412,7 +406,6 @@ class CustomerService:
         now = now_ms()
         async with self.db.write() as conn:
             await self.db.lock_workspace(conn, ws_id, CONSUMER)
-            self._forget_cached_profiles()
             ids = [survivor] + [
                 r[0]
                 for r in await conn.execute(
@@ -477,7 +470,6 @@ class CustomerService:
         await self.workspaces.get_workspace(ws_id)
         async with self.db.write() as conn:
             await self.db.lock_workspace(conn, ws_id, CONSUMER)
-            self._forget_cached_profiles()
             await conn.execute(
                 events.delete().where(events.c.workspace_id == ws_id, events.c.source == "pipeline")
             )
