@@ -7,6 +7,7 @@ registered as the ``integration_call`` handler, so these tests pin the engine an
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
@@ -239,6 +240,37 @@ async def test_integration_failure_takes_the_error_branch(bot: Setup) -> None:
     await bot.say("is my car ready?")
     assert "could not reach" in bot.chat.texts()[-1]
     assert (await bot.conversation())["status"] == "bot"
+
+
+@pytest.mark.contract
+async def test_the_waiting_queue_is_oldest_handoff_first_across_pages(bot: Setup) -> None:
+    for visitor in ("v1", "v2", "v3"):  # conversations created in this order
+        await bot.say("hello", visitor=visitor)
+    for visitor in ("v3", "v1", "v2"):  # handed over in this one
+        await bot.say("I want to talk to a person", visitor=visitor)
+        await asyncio.sleep(0.003)  # distinct handoff times
+    r = await bot.client.get("/v1/conversations", headers=admin(bot.ws))
+    by_id = [c["id"] for c in r.json()["items"]]
+    assert len(by_id) == 3 and by_id == sorted(by_id)  # no status filter: the oldest conversation first
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params = {"status": "waiting_human", "limit": "1"} | ({"cursor": cursor} if cursor else {})
+        r = await bot.client.get("/v1/conversations", params=params, headers=admin(bot.ws))
+        assert r.status_code == 200, r.text
+        seen += [c["id"] for c in r.json()["items"]]
+        cursor = r.json()["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == [by_id[2], by_id[0], by_id[1]]
+    # a cursor of the other ordering is refused, not misread
+    other = await bot.client.get("/v1/conversations?limit=1", headers=admin(bot.ws))
+    r = await bot.client.get(
+        "/v1/conversations",
+        params={"status": "waiting_human", "cursor": other.json()["next_cursor"]},
+        headers=admin(bot.ws),
+    )
+    assert r.status_code == 400 and r.json()["code"] == "invalid_cursor"
 
 
 async def test_handoff_operator_reply_and_hand_back(bot: Setup) -> None:

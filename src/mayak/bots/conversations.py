@@ -48,7 +48,8 @@ class ConversationService:
         cursor: str | None = None,
         limit: int = 50,
     ) -> dict[str, Any]:
-        """Conversations, oldest handoff first when filtering by a waiting status, else newest first."""
+        """Conversations; filtered by a status a person is involved in (waiting, human), the oldest
+        handoff first across pages (a queue), otherwise the oldest conversation first."""
         limit = check_limit(limit)
         query = sa.select(conversations).where(conversations.c.workspace_id == ws_id)
         if status is not None:
@@ -59,16 +60,26 @@ class ConversationService:
             query = query.where(conversations.c.queue == queue)
         if customer_id is not None:
             query = query.where(conversations.c.customer_id == customer_id)
-        if cursor:
+        by_handoff = status in (STATUS_WAITING, STATUS_HUMAN)
+        # a conversation handed over has a handoff time; 0 keeps the order total if one has none
+        handoff = sa.func.coalesce(conversations.c.handoff_at, 0)
+        if cursor and by_handoff:
+            after = decode_cursor(cursor, list)
+            if len(after) != 2 or not isinstance(after[0], int) or not isinstance(after[1], str):
+                raise InvalidRequest("invalid_cursor", "the cursor is not one this API returned", "$.cursor")
+            query = query.where(sa.tuple_(handoff, conversations.c.id) > sa.tuple_(after[0], after[1]))
+        elif cursor:
             query = query.where(conversations.c.id > decode_cursor(cursor, str))
-        query = query.order_by(conversations.c.id).limit(limit + 1)
+        order = (handoff, conversations.c.id) if by_handoff else (conversations.c.id,)
+        query = query.order_by(*order).limit(limit + 1)
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
         items = [_view(r) for r in rows[:limit]]
-        if status in (STATUS_WAITING, STATUS_HUMAN):
-            items.sort(key=lambda c: c["handoff_at"] or "")
-        more = len(rows) > limit
-        return {"items": items, "next_cursor": encode_cursor(rows[limit - 1].id) if more else None}
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = encode_cursor([last.handoff_at or 0, last.id] if by_handoff else last.id)
+        return {"items": items, "next_cursor": next_cursor}
 
     async def get(self, ws_id: str, conversation_id: str) -> dict[str, Any]:
         async with self.db.read() as conn:

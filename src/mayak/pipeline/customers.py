@@ -80,7 +80,7 @@ async def apply_admin_event(
     await pipeline.wait_for(ws_id, seq)
 
 
-def encode_cursor(value: str | int) -> str:
+def encode_cursor(value: str | int | list[Any]) -> str:
     return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
 
 
