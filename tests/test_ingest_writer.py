@@ -229,3 +229,30 @@ async def test_the_writer_does_not_wait_for_a_statistics_refresh(
     release.set()
     await pipeline.close()
     assert runs == 1
+
+
+@pytest.mark.contract
+async def test_a_group_held_up_holds_up_the_next_and_the_log_keeps_their_order(
+    mayak: Mayak, ws: dict[str, Any]
+) -> None:
+    """The first group waits for a key's row another transaction holds; the second, formed after
+    it, must come after it in the log (a customer's next message after the one before it). A
+    writer that lets a later group overtake (e.g. two transactions in flight, each settling its
+    keys before queueing for the append lock) fails here."""
+    ws_id = ws["id"]
+    if mayak.db.dialect == "postgresql":
+        holder: Any = mayak.db.engine.connect()
+        insert = "INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES (:w, 'mid:first', :t)"
+    else:
+        pytest.skip("SQLite has one writer: another connection cannot hold a row while the writer runs")
+    async with holder as other:
+        blocker = await other.begin()
+        await other.execute(sa.text(insert), {"w": ws_id, "t": now_ms()})
+        first = asyncio.create_task(mayak.writer.submit([event(ws_id, "first", "first")]))
+        await asyncio.sleep(0.3)  # the first group waits for the blocker's row
+        second = asyncio.create_task(mayak.writer.submit([event(ws_id, "second", "second")]))
+        await asyncio.sleep(0.3)
+        assert not first.done() and not second.done()
+        await blocker.rollback()
+    assert (await first).accepted == 1 and (await second).accepted == 1
+    assert await stored_users(mayak, ws_id) == ["first", "second"]
