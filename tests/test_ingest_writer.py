@@ -239,15 +239,15 @@ async def test_a_group_held_up_holds_up_the_next_and_the_log_keeps_their_order(
     it, must come after it in the log (a customer's next message after the one before it). A
     writer that lets a later group overtake (e.g. two transactions in flight, each settling its
     keys before queueing for the append lock) fails here."""
-    ws_id = ws["id"]
-    if mayak.db.dialect == "postgresql":
-        holder: Any = mayak.db.engine.connect()
-        insert = "INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES (:w, 'mid:first', :t)"
-    else:
+    if mayak.db.dialect != "postgresql":
         pytest.skip("SQLite has one writer: another connection cannot hold a row while the writer runs")
-    async with holder as other:
+    ws_id = ws["id"]
+    async with mayak.db.engine.connect() as other:
         blocker = await other.begin()
-        await other.execute(sa.text(insert), {"w": ws_id, "t": now_ms()})
+        await other.execute(
+            sa.text("INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES (:w, 'mid:first', :t)"),
+            {"w": ws_id, "t": now_ms()},
+        )
         first = asyncio.create_task(mayak.writer.submit([event(ws_id, "first", "first")]))
         await asyncio.sleep(0.3)  # the first group waits for the blocker's row
         second = asyncio.create_task(mayak.writer.submit([event(ws_id, "second", "second")]))
