@@ -57,6 +57,7 @@ from common import (
 
 BOT_DIR = Path(__file__).parent / "bots" / "showroom"
 RATE_PER_S = 5.0  # the web chat's sustained per-connection limit (mayak.channels.webchat.RATE_PER_S)
+SLOW_TURN_S = 0.025  # the p99 target for a turn
 TEXTS = (
     "Hi, is the Aurora available for a test drive?",
     "What does a service cost?",
@@ -375,10 +376,13 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if with_bot and res.turn_at:
         # the slowest turn answered in each second of the run: shows stalls (checkpoints, GC…)
         worst: dict[int, float] = {}
+        slow: dict[int, int] = {}  # turns over the 25 ms target, per second: where the p99 comes from
         for at, latency in zip(res.turn_at, res.turn_latency, strict=True):
             second = int(at - timing["t0"])
             worst[second] = max(worst.get(second, 0.0), latency * 1000)
+            slow[second] = slow.get(second, 0) + (latency > SLOW_TURN_S)
         result["turn_max_ms_by_second"] = [round(worst.get(i, 0.0), 1) for i in range(max(worst) + 1)]
+        result["turns_over_25ms_by_second"] = [slow.get(i, 0) for i in range(max(worst) + 1)]
     lat = result["turn_latency_ms"]
     print(f"\n== web chat: {args.conversations:,} conversations, turn = {result['turn_measured_to']}")
     print(f"  offered                 {args.rate:>10,.1f} msgs/s for {args.duration:g} s ({res.sent:,} sent)")
@@ -402,6 +406,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     if "turn_max_ms_by_second" in result:
         print(
             "  slowest turn per second (ms): " + " ".join(f"{v:.0f}" for v in result["turn_max_ms_by_second"])
+        )
+        print(
+            "  turns over 25 ms per second: " + " ".join(str(v) for v in result["turns_over_25ms_by_second"])
         )
     if server_cpu is not None:
         print(

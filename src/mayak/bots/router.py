@@ -36,7 +36,7 @@ from mayak.channels.events import INBOUND_NAMES
 from mayak.channels.service import ChannelService
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql, load_json
-from mayak.db.schema import conversations, events, identities
+from mayak.db.schema import events, identities
 from mayak.delivery import timers
 from mayak.delivery.outbox import OutboxItem, enqueue
 from mayak.errors import NotFound
@@ -647,34 +647,18 @@ class _Run:
     async def write(self) -> None:
         db, conn = self.router.db, self.conn
         now = now_ms()
+        created: list[tuple[Any, ...]] = []
         turned: list[tuple[Any, ...]] = []  # only _CONV_TURN changed
         moved: list[tuple[Any, ...]] = []  # an indexed column changed too
         for conv in self.convs.values():
             if not conv.dirty:
                 continue
             state = orjson.dumps(conv.state.to_json()).decode()
+            row = (conv.version, state, conv.channel_id, conv.address, now)
             if conv.new:
-                await conn.execute(
-                    conversations.insert().values(
-                        id=conv.id,
-                        created_at=conv.created_at,
-                        workspace_id=self.ws,
-                        customer_id=conv.customer_id,
-                        bot_id=conv.bot_id,
-                        version=conv.version,
-                        status=conv.status,
-                        state=state,
-                        channel_id=conv.channel_id,
-                        address=conv.address,
-                        queue=conv.queue,
-                        reason=conv.reason,
-                        handoff_at=conv.handoff_at,
-                        updated_at=now,
-                    )
-                )
+                created.append((*row, *conv.indexed(), conv.id, self.ws, conv.created_at))
                 conv.new = False
             else:
-                row = (conv.version, state, conv.channel_id, conv.address, now)
                 indexed = conv.indexed()
                 if indexed == conv.stored:
                     turned.append((*row, conv.id))
@@ -683,6 +667,13 @@ class _Run:
             conv.stored = conv.indexed()
             conv.dirty = False
         sql = FastSql(db.dialect)
+        if created:  # one statement for every conversation the group started (a first turn each)
+            columns = (*_CONV_TURN, *_CONV_INDEXED, "id", "workspace_id", "created_at")
+            await sql.run_many(
+                conn,
+                f"INSERT INTO conversations ({', '.join(columns)}) VALUES ({sql.values(len(columns))})",
+                created,
+            )
         for rows, names in ((turned, _CONV_TURN), (moved, _CONV_TURN + _CONV_INDEXED)):
             if rows:
                 assignments = ", ".join(f"{name} = {sql.p(i + 1)}" for i, name in enumerate(names))
