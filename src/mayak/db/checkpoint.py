@@ -54,6 +54,7 @@ LOG_LIMIT_BYTES = 400 * 1024 * 1024  # journal_size_limit: the log file is cut b
 RESTART_FRAMES = 96_000  # about 380 MiB of 4 KiB pages (reached only under sustained writes)
 SETTLE_PASS_S = 0.01  # a pass this short: the settle's wait (for it and one more) is short too
 HARD_RESTART_FACTOR = 2  # a log this many times restart_frames settles whatever a pass takes
+SETTLE_WAIT_S = 1.0  # with a restart due, the thread leaves the log to the settle this long at most
 
 
 class Checkpointer:
@@ -77,6 +78,7 @@ class Checkpointer:
         self.restart_due = False  # ... and one was: the next write transaction settles first
         self.hold_s = 1.0  # after a settle a reader kept from finishing: no restart before this long
         self._hold_until = 0.0
+        self._due_since = 0.0  # when restart_due last became true
         self.checkpoints = 0  # checkpoints run (tests, diagnostics)
         self.log_frames = 0  # frames in the log at the last checkpoint
         self.copied_frames = 0  # of those, copied into the database
@@ -122,6 +124,10 @@ class Checkpointer:
             self._wake.clear()
             if self._stop.is_set():
                 break
+            if self.restart_due and time.monotonic() < self._due_since + SETTLE_WAIT_S:
+                # The next write transaction settles: a pass started now would hold the connection
+                # the settle needs, and the writer would wait for both.
+                continue
             self.checkpoint()
             if self.restart_near and self.pass_frames:
                 self._wake.set()  # near a restart: copy on at once, until a pass is short
@@ -149,7 +155,10 @@ class Checkpointer:
             self.pass_frames = copied - self.copied_frames if copied >= self.copied_frames else copied
             self.log_frames, self.copied_frames = frames, copied
             self.restart_near = frames >= self.restart_frames and time.monotonic() >= self._hold_until
-            self.restart_due = self.restart_near and (
+            due = self.restart_near and (
                 took <= self.settle_pass_s or frames >= self.restart_frames * HARD_RESTART_FACTOR
             )
+            if due and not self.restart_due:
+                self._due_since = time.monotonic()
+            self.restart_due = due
             return bool(frames == copied)

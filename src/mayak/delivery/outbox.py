@@ -218,7 +218,7 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
         ]
         if claimed:
             db.after_commit(conn, lambda: adopter.adopt(claimed))
-        if len(claimed) < len(inserted):
+        if len(claimed) + len(pushed) < len(inserted):
             db.after_commit(conn, adopter.backlog)  # rows to claim the ordinary way
     return len(inserted)
 
