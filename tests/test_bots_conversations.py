@@ -608,6 +608,51 @@ async def test_a_turn_names_the_indexed_conversation_columns_only_when_they_chan
     assert (await bot.conversation())["status"] == "waiting_human"
 
 
+async def test_conversations_started_together_are_inserted_in_one_statement(
+    bot: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First messages from several visitors that share a write transaction start one conversation
+    each, all written by one INSERT (one statement per conversation cost a first turn 1.7x a later one)."""
+    statements = recorded_sql(monkeypatch, "run_many")
+    now = now_ms()
+    visitors = [f"v{i}" for i in range(5)]
+    batch = [
+        inbound_event(
+            bot.chat_channel,
+            address=v,
+            timestamp=now,
+            received_at=now,
+            dedup_key=f"together:{v}",
+            text="/start",
+            anonymous_id=v,
+        )
+        for v in visitors
+    ]
+    await bot.mayak.writer.submit(batch)
+    await bot.mayak.drain()
+    inserts = [sql for sql in statements if sql.startswith("INSERT INTO conversations")]
+    assert len(inserts) == 1, statements
+    assert sorted(address for address, _ in bot.chat.sent) == visitors  # each greeted once
+    async with bot.mayak.db.read() as conn:
+        rows = (
+            await conn.execute(
+                sa.select(
+                    conversations.c.address,
+                    conversations.c.status,
+                    conversations.c.customer_id,
+                    conversations.c.created_at,
+                    conversations.c.channel_id,
+                )
+            )
+        ).all()
+    assert sorted(r.address for r in rows) == visitors
+    assert len({r.customer_id for r in rows}) == 5  # one customer each
+    assert all(r.status == "bot" and r.created_at and r.channel_id == bot.chat_channel.id for r in rows)
+    await bot.say("/start", visitor="v3")  # a later turn updates the stored row
+    r = await bot.client.get("/v1/conversations", headers=admin(bot.ws))
+    assert len(r.json()["items"]) == 5
+
+
 @pytest.mark.parametrize(
     ("text", "language"),
     [

@@ -13,6 +13,7 @@ from mayak.config import Settings
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql, _raw
 from mayak.db.schema import outbox, outbox_attempts
+from mayak.delivery import outbox as outbox_module
 from mayak.delivery.outbox import (
     IN_FLIGHT,
     PENDING,
@@ -79,10 +80,12 @@ class Running:
         self.d = OutboxDispatcher(db, SETTINGS, Metrics())
         self.d.register("test", receiver)
         self.claims = 0
+        self.polls = 0  # claim attempts, found something or not
         real = self.d._claim_heads
 
         async def counted(now: int, limit: int) -> Any:
             found = await real(now, limit)
+            self.polls += 1
             self.claims += len(found)
             return found
 
@@ -328,6 +331,32 @@ async def test_an_instant_push_is_recorded_sent_with_its_row_and_pushed_after_th
     assert receiver.seen[0] == ("a", state["a"]["id"])
     assert running.claims == 0
     assert len(await attempts_of(db)) == 3  # no second record of the same attempt
+
+
+async def test_instant_pushes_do_not_wake_the_claim_loop(
+    backend_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows pushed at birth leave nothing to claim: their commit must not send the claim loop
+    polling (a web-chat reply per turn woke it for a poll that found nothing, every group)."""
+    monkeypatch.setattr(outbox_module, "IDLE_POLL_S", 30.0)  # only wakes make it poll
+    db = backend_db
+    receiver = Receiver()
+    running = Running(db, receiver)
+    instant_when(running, {f"k{i}" for i in range(10)})
+    async with running:
+        await asyncio.sleep(0.05)  # the loop's first poll, at start
+        polls = running.polls
+        for i in range(10):
+            async with db.write() as conn:
+                await enqueue(db, conn, [item(f"k{i}", customer=f"cus_{i}")])
+        await until(lambda: _true(len(receiver.seen) == 10))
+        await asyncio.sleep(0.05)
+        assert running.polls == polls
+        running.d.max_born = 0  # no room for births: the next row must be claimed the ordinary way
+        async with db.write() as conn:  # ... and its commit still wakes the loop at once
+            await enqueue(db, conn, [item("plain", customer="cus_p")])
+        await until(lambda: _true(len(receiver.seen) == 11))
+        assert running.polls > polls and running.claims == 1
 
 
 async def test_a_rolled_back_instant_push_pushes_nothing(backend_db: Database) -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from mayak.db.checkpoint import Checkpointer
+from mayak.db.checkpoint import SETTLE_WAIT_S, Checkpointer
 from mayak.db.database import Database
 
 
@@ -174,5 +175,30 @@ def test_a_short_log_keeps_the_thread_on_its_interval(tmp_path: Path) -> None:
     assert checkpointer.checkpoint() is True
     assert checkpointer.pass_frames > 0
     assert not checkpointer.restart_near and not checkpointer.restart_due
+    checkpointer.stop()
+    writer.close()
+
+
+def test_with_a_restart_due_the_thread_leaves_the_log_to_the_settle(tmp_path: Path) -> None:
+    """A pass the thread started after the restart fell due would hold the connection the settle
+    needs: the writer then waited for that pass (20-30 ms under load) and then for its own."""
+    path = tmp_path / "s.db"
+    writer = _writer(path)
+    checkpointer = Checkpointer(str(path), restart_frames=20, settle_pass_s=60.0, interval_s=0.0)
+    _writes(writer, 30)
+    checkpointer.checkpoint()
+    assert checkpointer.restart_due
+    passes = checkpointer.checkpoints
+    checkpointer.start()
+    for _ in range(5):
+        checkpointer.poke()  # commits keep coming
+        time.sleep(0.02)
+    assert checkpointer.checkpoints == passes  # no pass while the settle is due
+    checkpointer._due_since -= SETTLE_WAIT_S  # no write came to settle for that long: copy on
+    checkpointer.poke()
+    deadline = time.monotonic() + 5
+    while checkpointer.checkpoints == passes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert checkpointer.checkpoints > passes
     checkpointer.stop()
     writer.close()

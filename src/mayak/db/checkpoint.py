@@ -23,7 +23,10 @@ copies what was appended during the pass before. So once the log is long the thr
 back to back, each copying what the last one left, and only a pass of at most ``settle_pass_s``
 (or a log of ``HARD_RESTART_FACTOR`` times the length, should no pass be that short) makes the
 restart due. In practice that is a pass that found the writer between transactions and had
-little or nothing to copy: with something to copy, the sync alone takes longer.
+little or nothing to copy: with something to copy, the sync alone takes longer. Once the restart
+is due the thread starts no pass of its own (for ``SETTLE_WAIT_S`` at most, should no write come):
+under web-chat load the writer otherwise waited 20-30 ms for a pass that copied next to nothing,
+then for the settle's own.
 
 Measured on 1,000,000 events of SQLite ingestion (``bench/ingest_http.py``): with a restart every
 32,000 frames, settled after the first pass over the length, the writer stalled 60-200 ms about

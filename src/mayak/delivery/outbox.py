@@ -148,10 +148,10 @@ async def enqueue(db: Database, conn: AsyncConnection, items: Iterable[OutboxIte
     now = now_ms()
     ids = monotonic_ids("obx", len(batch), now)
     born, instant = await _births(db, conn, batch, now)
-    lease = 0
-    adopter = _ADOPTERS.get(db) if born or instant else None
-    if adopter is not None:
-        lease = now + adopter.lease_ms
+    # The dispatcher that adopts this process's births; its claim loop is woken only by
+    # ``backlog`` (below) for rows that neither went out at birth nor were pushed.
+    adopter = _ADOPTERS.get(db)
+    lease = now + adopter.lease_ms if adopter is not None and born else 0
     rows = [
         (
             row_id,
