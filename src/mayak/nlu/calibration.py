@@ -50,7 +50,7 @@ class Calibration:
         """Calibrated probabilities for one row of scores (they may sum to less than 1)."""
         probs = softmax(scores, self.temperature)
         best = int(scores.argmax())
-        cap = float(sigmoid(self.platt_a * float(scores[best]) + self.platt_b))
+        cap = 0.5 * (1.0 + math.tanh(0.5 * (self.platt_a * float(scores[best]) + self.platt_b)))
         if cap < probs[best]:
             probs = probs * (cap / probs[best])
         return probs

@@ -23,6 +23,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 from scipy import sparse
@@ -64,7 +65,7 @@ class _Featuriser:
         self.unseen_idf = 1.0
         self.n_char = 0
         self.n_features = 0
-        self._words: dict[str, tuple[tuple[tuple[int, int], ...], tuple[str, ...]]] = {}
+        self._words: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {}
 
     def _char_grams(self, words: list[str]) -> list[str]:
         lo, hi = self.char_lo, self.char_hi
@@ -121,43 +122,61 @@ class _Featuriser:
         look to the fold models that calibrate the confidences."""
         words = text.split()
         log = math.log
-        counts: dict[int, int] = {}
+        known: list[tuple[int, ...]] = []
         unknown: list[str] = []
         cache = self._words
         for word in words:
-            known_grams = cache.get(word)
-            if known_grams is None:
-                known_grams = self._word_grams_of(word)
-            known, unseen = known_grams
-            for j, n in known:
-                counts[j] = counts.get(j, 0) + n
-            unknown.extend(unseen)
+            grams = cache.get(word)
+            if grams is None:
+                grams = self._word_grams_of(word)
+            known.append(grams[0])
+            unknown.extend(grams[1])
+        counts: dict[int, int] = Counter(chain.from_iterable(known))  # counted in C
         # an n-gram unknown in two words counts twice, as it would over the whole text
         unknown_char = sum((1.0 + log(n)) ** 2 for n in Counter(unknown).values()) if unknown else 0.0
         unknown_word = 0.0
         wv = self.word_vocab
+        word_counts: dict[int, int] = {}
         for g, n in Counter(self._word_grams(words)).items():
             feature = wv.get(g)
             if feature is None:
                 unknown_word += (1.0 + log(n)) ** 2
             else:
-                counts[feature] = n
+                word_counts[feature] = n
         w = self.unseen_idf * self.unseen_idf
-        return self._weigh(counts, unknown_char * w, unknown_word * w)
+        return self._weigh_blocks(counts, word_counts, unknown_char * w, unknown_word * w)
 
-    def _word_grams_of(self, word: str) -> tuple[tuple[tuple[int, int], ...], tuple[str, ...]]:
-        """One word's character n-grams: (feature index, count) of the known ones, and the unknown
-        ones (each occurrence). Cached: words repeat from message to message, their n-grams do not
+    def _weigh_blocks(
+        self, chars: dict[int, int], grams: dict[int, int], extra_char_sq: float, extra_word_sq: float
+    ) -> tuple[IntArray, FloatArray]:
+        """``_weigh`` for counts already split into the char and the word block (what ``vector``
+        has): the same values with fewer array operations, for the one short text a parse has."""
+        n_char, n = len(chars), len(chars) + len(grams)
+        if not n:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        idx = np.fromiter(chain(chars, grams), dtype=np.int64, count=n)
+        vals = np.fromiter(chain(chars.values(), grams.values()), dtype=np.float64, count=n)
+        np.log(vals, out=vals)
+        vals += 1.0
+        vals *= self.idf[idx]
+        head, tail = vals[:n_char], vals[n_char:]
+        head /= math.sqrt(float(head @ head) + extra_char_sq) or 1.0
+        tail /= math.sqrt(float(tail @ tail) + extra_word_sq) or 1.0
+        return idx, vals
+
+    def _word_grams_of(self, word: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """One word's character n-grams: the feature indices of the known ones and the unknown ones,
+        each occurrence once. Cached: words repeat from message to message, their n-grams do not
         change once the vocabulary is fitted."""
         cv = self.char_vocab
-        known: list[tuple[int, int]] = []
+        known: list[int] = []
         unseen: list[str] = []
-        for g, n in Counter(self._char_grams([word])).items():
+        for g in self._char_grams([word]):
             j = cv.get(g)
             if j is None:
-                unseen.extend([g] * n)
+                unseen.append(g)
             else:
-                known.append((j, n))
+                known.append(j)
         entry = (tuple(known), tuple(unseen))
         if len(self._words) >= WORD_CACHE_SIZE:
             self._words.clear()
