@@ -11,6 +11,7 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -101,29 +102,31 @@ class CompiledBot:
     def name(self) -> str:
         return str(self.settings["name"])
 
-    @property
+    # Read on every turn; a published version never changes (see ``mayak.bots.store``), so each is
+    # worked out once per compiled version.
+    @cached_property
     def languages(self) -> list[str]:
         return list(self.settings.get("languages") or [self.default_language])
 
-    @property
+    @cached_property
     def default_language(self) -> str:
         return str(self.settings.get("default_language") or (self.settings.get("languages") or ["en"])[0])
 
-    @property
+    @cached_property
     def threshold(self) -> float:
         return float((self.settings.get("nlu") or {}).get("threshold", DEFAULT_THRESHOLD))
 
-    @property
+    @cached_property
     def fallback_after(self) -> int:
         return int(self.settings.get("fallback_after", DEFAULT_FALLBACK_AFTER))
 
-    @property
+    @cached_property
     def rate_limit(self) -> tuple[int, int]:
         rl = self.settings.get("rate_limit") or {}
         per = duration_ms(rl["per"]) if "per" in rl else DEFAULT_RATE[1]
         return int(rl.get("messages", DEFAULT_RATE[0])), per
 
-    @property
+    @cached_property
     def opt_out_words(self) -> frozenset[str]:
         return frozenset(w.casefold() for w in (*DEFAULT_OPT_OUT, *self.settings.get("opt_out_words", ())))
 
