@@ -256,3 +256,35 @@ async def test_a_group_held_up_holds_up_the_next_and_the_log_keeps_their_order(
         await blocker.rollback()
     assert (await first).accepted == 1 and (await second).accepted == 1
     assert await stored_users(mayak, ws_id) == ["first", "second"]
+
+
+async def test_under_load_a_small_group_waits_a_moment_to_fill(mayak: Mayak, ws: dict[str, Any]) -> None:
+    """A group less than half the size of the last one waits (at most ``linger_s``) for more,
+    on both backends: a few web-chat turns per transaction paid its fixed costs for little."""
+    writer = mayak.writer
+    expected = (
+        writer_module.GROUP_LINGER_S
+        if mayak.db.dialect == "postgresql"
+        else writer_module.SQLITE_GROUP_LINGER_S
+    )
+    assert writer.linger_s == expected > 0
+    loop = asyncio.get_running_loop()
+    pending: asyncio.Future[AppendResult] = loop.create_future()
+    saved = writer._queue, writer._last_group
+    try:
+        writer._last_group = 10
+        writer._queue = [([event(ws["id"], "a")], pending)]  # 1 of the last 10: wait for more
+        started = loop.time()
+        await writer._fill()
+        assert loop.time() - started >= writer.linger_s * 0.9
+        writer._queue = [([event(ws["id"], f"u{i}") for i in range(5)], pending)]  # half: go at once
+        started = loop.time()
+        await writer._fill()
+        assert loop.time() - started < writer.linger_s
+        writer._last_group = 1  # light load: a single event goes at once too
+        writer._queue = [([event(ws["id"], "b")], pending)]
+        started = loop.time()
+        await writer._fill()
+        assert loop.time() - started < writer.linger_s
+    finally:
+        writer._queue, writer._last_group = saved
