@@ -278,8 +278,15 @@ def test_the_word_cache_gives_the_vectors_of_whole_text_counting() -> None:
         unknown = tally(f._char_grams(words), f.char_vocab)
         unknown_word = tally(f._word_grams(words), f.word_vocab)
         w = f.unseen_idf**2
-        idx, vals = f._weigh(counts, unknown * w, unknown_word * w)
-        return idx.tolist(), vals.tolist()
+        # TF-IDF, each block (char, word) L2-normalised with its unknown n-grams in the norm
+        weights = {j: (1.0 + math.log(n)) * float(f.idf[j]) for j, n in counts.items()}
+        norms = {
+            True: math.sqrt(sum(v * v for j, v in weights.items() if j < f.n_char) + unknown * w) or 1.0,
+            False: math.sqrt(sum(v * v for j, v in weights.items() if j >= f.n_char) + unknown_word * w)
+            or 1.0,
+        }
+        idx = list(weights)
+        return idx, [weights[j] / norms[j < f.n_char] for j in idx]
 
     # repeated words, and an unknown n-gram ("zq") in two different words
     for text in ["car car service", "zqx zqy book", "book a service visit", "qqq", ""]:

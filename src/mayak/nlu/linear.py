@@ -108,9 +108,10 @@ class _Featuriser:
         self.unseen_idf = math.log((1.0 + len(texts)) / 2.0) + 1.0  # as if seen in one text
         rows = []
         for chars, grams in per_text:
-            counts = {self.char_vocab[g]: n for g, n in chars.items()}
-            counts.update((self.word_vocab[g], n) for g, n in grams.items())
-            rows.append(self._weigh(counts))
+            cv, wv = self.char_vocab, self.word_vocab
+            rows.append(
+                self._weigh({cv[g]: n for g, n in chars.items()}, {wv[g]: n for g, n in grams.items()})
+            )
         return self._stack(rows)
 
     def vector(self, text: str) -> tuple[IntArray, FloatArray]:
@@ -144,13 +145,17 @@ class _Featuriser:
             else:
                 word_counts[feature] = n
         w = self.unseen_idf * self.unseen_idf
-        return self._weigh_blocks(counts, word_counts, unknown_char * w, unknown_word * w)
+        return self._weigh(counts, word_counts, unknown_char * w, unknown_word * w)
 
-    def _weigh_blocks(
-        self, chars: dict[int, int], grams: dict[int, int], extra_char_sq: float, extra_word_sq: float
+    def _weigh(
+        self,
+        chars: dict[int, int],
+        grams: dict[int, int],
+        extra_char_sq: float = 0.0,
+        extra_word_sq: float = 0.0,
     ) -> tuple[IntArray, FloatArray]:
-        """``_weigh`` for counts already split into the char and the word block (what ``vector``
-        has): the same values with fewer array operations, for the one short text a parse has."""
+        """Feature indices and TF-IDF values of one text from its counts of known char n-grams and
+        word n-grams, each block L2-normalised; ``extra_*_sq`` add unknown n-grams to a block's norm."""
         n_char, n = len(chars), len(chars) + len(grams)
         if not n:
             return np.zeros(0, dtype=np.int64), np.zeros(0)
@@ -186,21 +191,6 @@ class _Featuriser:
     def forget_words(self) -> None:
         """Empty the word cache (after training: it holds the calibration's gibberish)."""
         self._words.clear()
-
-    def _weigh(
-        self, counts: dict[int, int], extra_char_sq: float = 0.0, extra_word_sq: float = 0.0
-    ) -> tuple[IntArray, FloatArray]:
-        if not counts:
-            return np.zeros(0, dtype=np.int64), np.zeros(0)
-        idx = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
-        tf = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
-        vals = (1.0 + np.log(tf)) * self.idf[idx]
-        is_char = idx < self.n_char
-        sq = vals * vals
-        char_norm = math.sqrt(float(sq[is_char].sum()) + extra_char_sq)
-        word_norm = math.sqrt(float(sq[~is_char].sum()) + extra_word_sq)
-        vals /= np.where(is_char, char_norm or 1.0, word_norm or 1.0)
-        return idx, vals
 
     def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
         return self._stack([self.vector(t) for t in texts])
