@@ -541,3 +541,58 @@ async def test_anonymous_only_and_numeric_user_id(
     assert log[1]["userId"] == "12345"
     await mayak.drain()
     assert (await customer(client, ws, "12345"))["traits"] == {"x": 1}
+
+
+async def test_postgres_checks_one_batch_at_a_time_in_slices(
+    client: httpx.AsyncClient, mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    """PostgreSQL: two batches arriving together are checked one after the other, each yielding to
+    the event loop every few events (so the ingest writer's next step never waits behind a whole
+    batch, or behind several). Forced on here so both backends run it; SQLite has no gate."""
+    import asyncio
+
+    from mayak.api import ingest_routes
+
+    assert (mayak.check_gate is not None) == (mayak.db.dialect == "postgresql")
+    monkeypatch.setattr(mayak, "check_gate", asyncio.Lock())
+    seen: list[str] = []
+    real = ingest_routes.normalise_event
+
+    def recording(item: Any, **kw: Any) -> Any:
+        seen.append(str(item["userId"])[0])
+        return real(item, **kw)
+
+    monkeypatch.setattr(ingest_routes, "normalise_event", recording)
+    ticking = True
+
+    async def ticker() -> None:
+        while ticking:
+            seen.append("tick")
+            await asyncio.sleep(0)
+
+    def batch(prefix: str) -> dict[str, Any]:
+        return {"batch": [{"type": "track", "event": "E", "userId": f"{prefix}{i}"} for i in range(50)]}
+
+    tick_task = asyncio.create_task(ticker())
+    try:
+        answers = await asyncio.gather(
+            *(client.post("/v1/batch", json=batch(p), auth=write_auth(ws)) for p in ("a", "b"))
+        )
+    finally:
+        ticking = False
+        await tick_task
+    assert [r.json()["accepted"] for r in answers] == [50, 50]
+    checked = [s for s in seen if s != "tick"]
+    first = checked[0]
+    assert checked == [first] * 50 + [("b" if first == "a" else "a")] * 50  # not interleaved
+    # from the first batch's first check to its last: runs of checks with ticks between them
+    begin = seen.index(first)
+    end = len(seen) - seen[::-1].index(first)
+    runs: list[int] = [0]
+    for s in seen[begin:end]:
+        if s == first:
+            runs[-1] += 1
+        elif s == "tick" and runs[-1]:
+            runs.append(0)
+    runs = [n for n in runs if n]
+    assert sum(runs) == 50 and max(runs) <= ingest_routes.CHECK_SLICE < 50, runs

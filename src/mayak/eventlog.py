@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,12 +80,17 @@ async def append(
 
 
 async def deduplicate(
-    db: Database, conn: AsyncConnection, batch: Sequence[NewEvent], *, window_ms: int | None = None
+    db: Database,
+    conn: AsyncConnection,
+    batch: Sequence[NewEvent],
+    *,
+    window_ms: int | None = None,
+    locked: Callable[[], None] | None = None,
 ) -> tuple[AppendResult, list[NewEvent]]:
     """Step one of an append: flag duplicates, remember the new dedup keys, give the rest ids.
 
     On PostgreSQL this takes each workspace's append lock (held to commit), which is what keeps a
-    workspace's events visible in ``seq`` order.
+    workspace's events visible in ``seq`` order. ``locked`` is called once the first lock is held.
     """
     result = AppendResult(duplicate_flags=[False] * len(batch))
     if not batch:
@@ -99,6 +104,9 @@ async def deduplicate(
     sql = FastSql(db.dialect)
     for ws_id, idxs in by_ws.items():
         await db.lock_workspace(conn, ws_id, APPEND_LOCK)
+        if locked is not None:
+            locked()
+            locked = None
         if sql.pg:
             keep.extend(await _deduplicate_pg(sql, conn, batch, ws_id, idxs, now, cutoff, result))
             continue

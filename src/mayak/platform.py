@@ -71,6 +71,8 @@ class Mayak:
         self.writer = IngestWriter(
             self.db, self.notifier, self.metrics, dedup_window_ms=settings.dedup_window_days * 86_400_000
         )
+        # PostgreSQL: one ingestion request checks its events at a time (see ingest_routes.ingest).
+        self.check_gate = asyncio.Lock() if self.db.dialect == "postgresql" else None
         self.destinations = DestinationService(self.db, self.workspaces, settings)
         self.outbox = OutboxDispatcher(self.db, settings, self.metrics)
         self.outbox.register("webhook", self.destinations.deliver)

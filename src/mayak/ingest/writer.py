@@ -61,6 +61,10 @@ class IngestWriter:
         # Under load, how long a group may wait to fill up (see _fill).
         self.linger_s = GROUP_LINGER_S if db.dialect == "postgresql" else SQLITE_GROUP_LINGER_S
         self._last_group = 0  # events in the last group
+        # PostgreSQL: a committed group's answers, held until the next group holds its append lock
+        # (see _commit); empty otherwise.
+        self.hold_answers = db.dialect == "postgresql"
+        self._held: list[tuple[asyncio.Future[AppendResult], AppendResult]] = []
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -103,7 +107,9 @@ class IngestWriter:
     ) -> tuple[AppendResult, dict[str, int]]:
         """Deduplicate and store ``batch``; where a workspace's pipeline lane is caught up, process
         its events in this same transaction. Returns the result and the lanes' new positions."""
-        result, kept = await deduplicate(self.db, conn, batch, window_ms=self.dedup_window_ms)
+        result, kept = await deduplicate(
+            self.db, conn, batch, window_ms=self.dedup_window_ms, locked=self._answer_held
+        )
         by_ws: dict[str, list[NewEvent]] = {}
         for ev in kept:
             by_ws.setdefault(ev.workspace_id, []).append(ev)
@@ -158,6 +164,7 @@ class IngestWriter:
                 del self._queue[:taken]  # one slice, not a pop(0) per request: the queue can be long
                 self._last_group = size
                 await self._commit(group)
+            self._answer_held()
             self._idle.set()
 
     async def _let_lane_catch_up(self) -> None:
@@ -203,6 +210,7 @@ class IngestWriter:
             async with self.db.write() as conn:
                 result, advanced = await self._append(conn, flat)
         except Exception as exc:  # nothing of this group was committed
+            self._answer_held()
             if len(group) > 1:
                 # one request's events must not fail its neighbours: commit each request on its own
                 log.warning("ingest_group_commit_failed", error=str(exc), requests=len(group))
@@ -214,13 +222,34 @@ class IngestWriter:
                 if not fut.done():
                     fut.set_exception(exc)
             return
+        self._answer_held()  # the group before: committed, and its answers waited long enough
         await self._committed(advanced)
         offset = 0
+        answers: list[tuple[asyncio.Future[AppendResult], AppendResult]] = []
         for batch, fut in group:
             flags = result.duplicate_flags[offset : offset + len(batch)]
             offset += len(batch)
             dup = sum(flags)
             part = AppendResult(accepted=len(batch) - dup, duplicates=dup, duplicate_flags=flags)
             self._count(part)
+            answers.append((fut, part))
+        self._held = answers
+        queued = sum(len(batch) for batch, _ in self._queue)
+        if not (self.hold_answers and queued * 2 >= self._last_group > 0):
+            self._answer_held()
+
+    def _answer_held(self) -> None:
+        """Answer the requests of the last committed group that are still waiting.
+
+        On PostgreSQL, when the next group is ready to start, its requests' answers are held until
+        that group holds its append lock. Answering wakes every request of the group at once: each
+        sends its response, reads the client's next request and checks its events, a few
+        milliseconds of the event loop apiece. Woken at once, they would delay the next group's
+        first round trips (``BEGIN``, the lock: ~8 ms at the median under load, against ~0.4 ms
+        for the same kind of statement later in the transaction) while PostgreSQL sits idle; woken
+        once the lock is held, they run while PostgreSQL executes the group's dedup upsert. The
+        answers are a round trip or two later; the events were committed before either way."""
+        held, self._held = self._held, []
+        for fut, part in held:
             if not fut.done():
                 fut.set_result(part)
