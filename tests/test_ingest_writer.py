@@ -360,3 +360,56 @@ async def test_held_answers_still_go_out_when_the_next_group_fails(
     with pytest.raises(RuntimeError):
         await asyncio.wait_for(second, 5)
     assert await stored_users(mayak, ws_id) == ["a0", "a1"]
+
+
+async def test_held_answers_do_not_wait_for_a_lagging_lane(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    """A group stored for a lane that is behind makes the next group wait for the lane (up to a
+    second): its own answers go out at once, not after that wait."""
+    writer, pipeline = mayak.writer, mayak.pipeline
+    writer.hold_answers = True
+    monkeypatch.setattr(writer_module, "LANE_CATCH_UP_S", 5.0)
+    ws_id = ws["id"]
+    real_caught_up, real_batch = pipeline._caught_up, pipeline._process_batch
+    real_lock = mayak.db.lock_workspace
+    behind = [True]
+    first_locked, go_on, release_lane = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def caught_up(conn: Any, workspace_id: str) -> bool:
+        if behind[0]:
+            behind[0] = False
+            return False  # the first group is stored for the lane
+        return await real_caught_up(conn, workspace_id)
+
+    async def slow_lane(workspace_id: str) -> int:
+        await release_lane.wait()
+        return await real_batch(workspace_id)
+
+    async def lock(conn: Any, workspace_id: str, purpose: str) -> None:
+        await real_lock(conn, workspace_id, purpose)
+        if purpose == APPEND_LOCK and not first_locked.is_set():
+            first_locked.set()
+            await go_on.wait()
+
+    monkeypatch.setattr(pipeline, "_caught_up", caught_up)
+    monkeypatch.setattr(pipeline, "_process_batch", slow_lane)
+    monkeypatch.setattr(mayak.db, "lock_workspace", lock)
+    stop = asyncio.Event()
+    lane = asyncio.create_task(pipeline.run_forever(stop))
+    try:
+        first = asyncio.create_task(writer.submit([event(ws_id, "u1")]))
+        await first_locked.wait()
+        second = asyncio.create_task(writer.submit([event(ws_id, "u2")]))
+        await asyncio.sleep(0.01)
+        go_on.set()
+        assert (await asyncio.wait_for(first, 1)).accepted == 1  # while the writer waits for the lane
+        assert not second.done()
+        release_lane.set()
+        assert (await asyncio.wait_for(second, 5)).accepted == 1
+    finally:
+        go_on.set()
+        release_lane.set()
+        stop.set()
+        await asyncio.wait_for(lane, 5)
+    assert await stored_users(mayak, ws_id) == ["u1", "u2"]

@@ -151,6 +151,7 @@ class IngestWriter:
             self._wake.clear()
             while self._queue:
                 if self._lane_owed:
+                    self._answer_held()
                     await self._let_lane_catch_up()
                 if self.linger_s:
                     await self._fill()
@@ -234,8 +235,10 @@ class IngestWriter:
             self._count(part)
             answers.append((fut, part))
         self._held = answers
+        # Held only when the next group starts at once: not when it will wait (to fill up, or for
+        # a lane this group stored events for).
         queued = sum(len(batch) for batch, _ in self._queue)
-        if not (self.hold_answers and queued * 2 >= self._last_group > 0):
+        if not (self.hold_answers and queued * 2 >= self._last_group > 0 and not self._lane_owed):
             self._answer_held()
 
     def _answer_held(self) -> None:
