@@ -177,14 +177,28 @@ class ProfileBatch:
         for kind, value in keys:
             by_kind.setdefault(kind, []).append(value)
         sql = self.sql
-        query = (
-            f"SELECT value, customer_id FROM identities WHERE workspace_id = {sql.p(1)} AND kind = {sql.p(2)}"
-            f" AND value {sql.in_list(3)}"
-        )
-        for kind, values in by_kind.items():
-            result: Any = await sql.fetch(self.conn, query, (self.ws, kind, sql.list_param(values)))
-            for found_value, cid in result:
-                self.idmap[(kind, found_value)] = cid
+        if sql.pg and len(by_kind) > 1:
+            # one round trip for every kind (each part the same index scan as on its own)
+            kinds = list(by_kind)
+            query = " UNION ALL ".join(
+                f"SELECT {i}, value, customer_id FROM identities WHERE workspace_id = $1"
+                f" AND kind = ${2 * i + 2} AND value {sql.in_list(2 * i + 3)}"
+                for i in range(len(kinds))
+            )
+            params: list[Any] = [self.ws]
+            for kind in kinds:
+                params += [kind, sql.list_param(by_kind[kind])]
+            for part, found_value, cid in await sql.fetch(self.conn, query, params):
+                self.idmap[(kinds[part], found_value)] = cid
+        else:
+            query = (
+                f"SELECT value, customer_id FROM identities WHERE workspace_id = {sql.p(1)}"
+                f" AND kind = {sql.p(2)} AND value {sql.in_list(3)}"
+            )
+            for kind, values in by_kind.items():
+                result: Any = await sql.fetch(self.conn, query, (self.ws, kind, sql.list_param(values)))
+                for found_value, cid in result:
+                    self.idmap[(kind, found_value)] = cid
         await self._load_profiles(set(self.idmap.values()) | targets)
         return items
 
