@@ -57,6 +57,7 @@ from common import (
 )
 
 BATCH = 100
+PG_URL = "postgresql://postgres@127.0.0.1:5432/mayak_bench"  # dropped and recreated by a run
 EVENTS_PER_CUSTOMER = 10
 IDENTIFY_SLOTS = frozenset({0, 4, 7})
 LINK_SLOT = 4  # an anonymous customer's first event with a userId
@@ -539,7 +540,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=4, help="concurrent keep-alive connections")
     parser.add_argument(
         "--pg-url",
-        default="postgresql://postgres@127.0.0.1:5432/mayak_bench",
+        default=PG_URL,
         help="PostgreSQL database to DROP and recreate for the run",
     )
     parser.add_argument("--json-out", default=str(OUT_DIR / "ingest_http.json"), help="'' to skip")

@@ -24,7 +24,6 @@ import collections
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import OUT_DIR, machine_info, write_json
-from ingest_http import Workload, recreate_postgres
+from ingest_http import PG_URL, Workload, recreate_postgres
 
 from mayak import runtime
 from mayak.config import Settings
@@ -53,57 +52,36 @@ class StatementClock:
         self._saved: dict[str, Any] = {}
 
     def install(self) -> None:
+        """Wrap each ``FastSql`` call; ``key`` names the statement, ``count`` its rows."""
         cls = fastsql.FastSql
         stats = self.stats
-        fetch, run_many, run = cls.fetch, cls.run_many, cls.run
-        run_columns, copy = cls.run_columns, cls.copy
-        self._saved = {
-            "fetch": fetch,
-            "run_many": run_many,
-            "run": run,
-            "run_columns": run_columns,
-            "copy": copy,
+
+        def text(args: Any) -> str:
+            return str(args[0])[:80]
+
+        def rows_in(args: Any, _out: Any) -> int:
+            return len(args[-1])
+
+        wrapped: dict[str, tuple[Any, Any]] = {
+            "fetch": (text, lambda _args, out: len(out)),
+            "run_many": (text, rows_in),
+            "run": (text, lambda _args, _out: 1),
+            "run_columns": (text, rows_in),
+            "copy": (lambda args: f"COPY {args[0]}", rows_in),
         }
+        self._saved = {name: getattr(cls, name) for name in wrapped}
 
-        async def timed_fetch(sql_: Any, conn: Any, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-            t = time.perf_counter()
-            rows = await fetch(sql_, conn, sql, params)
-            _add(stats[sql[:80]], time.perf_counter() - t, len(rows))
-            return rows
+        def timed(real: Any, key: Any, count: Any) -> Any:
+            async def call(sql_: Any, conn: Any, *args: Any) -> Any:
+                t = time.perf_counter()
+                out = await real(sql_, conn, *args)
+                _add(stats[key(args)], time.perf_counter() - t, count(args, out))
+                return out
 
-        async def timed_run_many(sql_: Any, conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-            t = time.perf_counter()
-            await run_many(sql_, conn, sql, rows)
-            _add(stats[sql[:80]], time.perf_counter() - t, len(rows))
+            return call
 
-        async def timed_run(sql_: Any, conn: Any, sql: str, params: Sequence[Any] = ()) -> int:
-            t = time.perf_counter()
-            count = await run(sql_, conn, sql, params)
-            _add(stats[sql[:80]], time.perf_counter() - t, 1)
-            return count
-
-        async def timed_run_columns(sql_: Any, conn: Any, sql: str, rows: Sequence[Sequence[Any]]) -> int:
-            t = time.perf_counter()
-            count = await run_columns(sql_, conn, sql, rows)
-            _add(stats[sql[:80]], time.perf_counter() - t, len(rows))
-            return count
-
-        async def timed_copy(
-            sql_: Any, conn: Any, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
-        ) -> None:
-            t = time.perf_counter()
-            await copy(sql_, conn, table, columns, rows)
-            _add(stats[f"COPY {table}"], time.perf_counter() - t, len(rows))
-
-        timed = {
-            "fetch": timed_fetch,
-            "run_many": timed_run_many,
-            "run": timed_run,
-            "run_columns": timed_run_columns,
-            "copy": timed_copy,
-        }
-        for name, fn in timed.items():
-            setattr(cls, name, fn)
+        for name, (key, count) in wrapped.items():
+            setattr(cls, name, timed(self._saved[name], key, count))
 
     def uninstall(self) -> None:
         for name, fn in self._saved.items():
@@ -123,7 +101,7 @@ def _add(entry: list[float], seconds: float, rows: int) -> None:
     entry[2] += rows
 
 
-def checked_batches(work: Workload, ws_id: str) -> list[list[NewEvent]]:
+def checked_batches(work: Workload, ws_id: str, settings: Settings) -> list[list[NewEvent]]:
     """Every batch as ``POST /v1/batch`` would hand it to the writer (same checks, same fields)."""
     batches: list[list[NewEvent]] = []
     for body in work.bodies():
@@ -138,8 +116,8 @@ def checked_batches(work: Workload, ws_id: str) -> list[list[NewEvent]]:
                     batch_sent_at=sent,
                     forced_type=None,
                     actor="bench",
-                    max_event_bytes=32 * 1024,
-                    max_depth=32,
+                    max_event_bytes=settings.max_event_bytes,
+                    max_depth=settings.max_json_depth,
                 )
                 for item in parsed["batch"]
             ]
@@ -149,13 +127,14 @@ def checked_batches(work: Workload, ws_id: str) -> list[list[NewEvent]]:
 
 async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     await upgrade_async(url)
-    mayak = Mayak(Settings(database_url=url, secret_key="bench-" + "k" * 32, log_level="warning"))
+    settings = Settings(database_url=url, secret_key="bench-" + "k" * 32, log_level="warning")
+    mayak = Mayak(settings)
     await mayak.start()
     try:
         ws = await mayak.workspaces.create_workspace("bench")
         work = Workload.build(args.events, args.seed)
         t = time.perf_counter()
-        batches = checked_batches(work, str(ws["id"]))
+        batches = checked_batches(work, str(ws["id"]), settings)
         took = time.perf_counter() - t
         print(f"checked {work.events:,} events in {len(batches):,} batches in {took:.1f} s")
         clock = StatementClock()
@@ -207,7 +186,7 @@ def main() -> None:
     parser.add_argument("--statements", action="store_true", help="time each SQL statement kind")
     parser.add_argument(
         "--pg-url",
-        default="postgresql://postgres@127.0.0.1:5432/mayak_bench",
+        default=PG_URL,
         help="PostgreSQL database to DROP and recreate for the run",
     )
     parser.add_argument("--seed", type=int, default=1)
