@@ -34,10 +34,13 @@ async def test_commits_leave_checkpoints_to_the_thread_and_the_log_starts_over(t
     assert auto == 0  # no checkpoint inside a commit
     await _fill(db, 200)  # ~200 x 20 rows of 2 KB: far more than 40 frames
     assert db.checkpointer.checkpoints > 0
+    # The log was started over again and again. (How long it grows in between depends on how the
+    # threads are scheduled: on a loaded machine the writer may commit hundreds of frames while one
+    # checkpoint runs, so the test counts restarts rather than bounding the file's size.)
+    assert db.checkpointer.restarts_seen >= 2
     wal = Path(f"{path}-wal")
-    # The log was started over again and again: it never held everything written.
     written = 200 * 20 * 2000
-    assert wal.stat().st_size < written / 2
+    assert wal.stat().st_size < written  # it never held everything written
     async with db.read() as conn:
         assert (await conn.exec_driver_sql("SELECT count(*) FROM t")).scalar() == 4000
     await db.dispose()

@@ -86,6 +86,7 @@ class Checkpointer:
         self.log_frames = 0  # frames in the log at the last checkpoint
         self.copied_frames = 0  # of those, copied into the database
         self.pass_frames = 0  # frames the last checkpoint copied
+        self.restarts_seen = 0  # times a checkpoint found the log shorter than the one before
         self._conn: sqlite3.Connection | None = None
         self._conn_lock = threading.Lock()  # the thread and settle() share one connection
         self._wake = threading.Event()
@@ -155,6 +156,8 @@ class Checkpointer:
                 return False
             self.checkpoints += 1
             # fewer copied than last time: the log started over since, and everything copied is new
+            if frames < self.log_frames or copied < self.copied_frames:
+                self.restarts_seen += 1
             self.pass_frames = copied - self.copied_frames if copied >= self.copied_frames else copied
             self.log_frames, self.copied_frames = frames, copied
             self.restart_near = frames >= self.restart_frames and time.monotonic() >= self._hold_until
