@@ -142,3 +142,38 @@ async def test_a_large_commit_runs_off_the_event_loop_a_small_one_on_it(tmp_path
         await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('b')")
     assert threads["COMMIT"] == {loop_thread}
     await db.dispose()
+
+
+async def test_a_writer_under_load_can_send_a_small_commit_to_the_committer_thread(tmp_path: Path) -> None:
+    """``offload_commit`` hands the open transaction's commit to the committer's thread however
+    small it is, once: the next small transaction commits inline again, and a rollback drops the
+    request with the transaction."""
+    import threading
+
+    db = await _db(tmp_path)
+    loop_thread = threading.get_ident()
+    commits: list[int] = []
+
+    def trace(sql: str) -> None:
+        if sql.split()[0].upper() == "COMMIT":
+            commits.append(threading.get_ident())
+
+    async with db.write() as conn:
+        _raw(conn).set_trace_callback(trace)
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('a')")
+        db.offload_commit(conn)
+    assert len(commits) == 1 and commits[0] != loop_thread  # small, yet on the thread
+    async with db.write() as conn:
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('b')")
+    assert commits[1] == loop_thread  # the request was for one commit only
+    with pytest.raises(RuntimeError):
+        async with db.write() as conn:
+            db.offload_commit(conn)
+            raise RuntimeError("the caller failed")
+    async with db.write() as conn:
+        await conn.exec_driver_sql("INSERT INTO t (v) VALUES ('c')")
+    assert commits[2] == loop_thread  # dropped with the rolled-back transaction
+    plain = sqlite3.connect(tmp_path / "w.db")
+    assert [r[0] for r in plain.execute("SELECT v FROM t ORDER BY id")] == ["a", "b", "c"]
+    plain.close()
+    await db.dispose()

@@ -413,3 +413,111 @@ async def test_held_answers_do_not_wait_for_a_lagging_lane(
         stop.set()
         await asyncio.wait_for(lane, 5)
     assert await stored_users(mayak, ws_id) == ["u1", "u2"]
+
+
+def test_the_writers_duty_cycle_tells_a_busy_loop_from_a_quiet_one(mayak: Mayak) -> None:
+    """Groups built back to back (3 ms of work, 0.5 ms between them) make the writer busy within a
+    few groups; groups far apart (1 ms of work every 100 ms) never do, and a quiet spell after a
+    busy one brings it back down."""
+    writer = mayak.writer
+    at, busy = 1000.0, []
+    for _ in range(8):
+        busy.append(writer._busy(at, at + 0.003))
+        at += 0.0035
+    assert busy[0] is False and busy[-1] is True
+    quiet = []
+    for _ in range(12):
+        at += 0.1
+        quiet.append(writer._busy(at, at + 0.001))
+        at += 0.001
+    assert quiet[-1] is False
+    fresh = writer_module.IngestWriter(mayak.db, mayak.writer.notifier, mayak.writer.metrics)
+    at = 5000.0
+    assert not any(fresh._busy(at + i, at + i + 0.001) for i in range(20))
+
+
+@pytest.mark.contract
+async def test_a_busy_writer_hands_even_a_small_commit_to_the_committer(
+    mayak: Mayak, ws: dict[str, Any], monkeypatch: Any
+) -> None:
+    """Under load the group's commit is offloaded whatever its size (``Database.offload_commit``,
+    a no-op on PostgreSQL); when the writer is quiet it is not."""
+    offloaded: list[object] = []
+    real = mayak.db.offload_commit
+
+    def recording(conn: Any) -> None:
+        offloaded.append(conn)
+        real(conn)
+
+    monkeypatch.setattr(mayak.db, "offload_commit", recording)
+    writer = mayak.writer
+    loop = asyncio.get_running_loop()
+    writer._duty, writer._group_end = 0.0, loop.time() - 10
+    assert (await writer.submit([event(ws["id"], "quiet")])).accepted == 1
+    assert offloaded == []
+    writer._duty, writer._group_end = 1.0, loop.time()
+    assert (await writer.submit([event(ws["id"], "busy")])).accepted == 1
+    assert len(offloaded) == 1
+    assert await stored_users(mayak, ws["id"]) == ["quiet", "busy"]
+
+
+def identify(ws_id: str, user: str, traits: dict[str, Any] | None = None) -> NewEvent:
+    now = now_ms()
+    return NewEvent(
+        workspace_id=ws_id,
+        type="identify",
+        name=None,
+        timestamp=now,
+        received_at=now,
+        payload={"type": "identify", "userId": user, "traits": traits or {}},
+    )
+
+
+async def profile_of(mayak: Mayak, ws_id: str, identity: str) -> dict[str, Any]:
+    """The profile that holds ``identity`` (``kind:value``; a bare value is a user id)."""
+    return await mayak.customers.find_by_identity(
+        ws_id, identity if ":" in identity else f"user_id:{identity}"
+    )
+
+
+@pytest.mark.contract
+async def test_an_event_for_a_merged_away_customer_reaches_the_survivor(
+    mayak: Mayak, ws: dict[str, Any]
+) -> None:
+    """An event that names a customer merged away since (an admin change, say) goes to the
+    survivor, whose profile the batch reads through the merged one's."""
+    ws_id = ws["id"]
+    now = now_ms()
+    anon = NewEvent(
+        workspace_id=ws_id,
+        type="track",
+        name="Viewed",
+        timestamp=now,
+        received_at=now,
+        payload={"type": "track", "anonymousId": "a1", "event": "Viewed"},
+    )
+    await mayak.writer.submit([anon])
+    await mayak.drain()
+    loser = (await profile_of(mayak, ws_id, "anonymous_id:a1"))["id"]
+    linked = identify(ws_id, "ann", {"plan": "basic"})
+    linked.payload["anonymousId"] = "a1"
+    await mayak.writer.submit([identify(ws_id, "ann", {"plan": "basic"})])
+    await mayak.drain()
+    await mayak.writer.submit([linked])  # a1 (anonymous) merges into ann
+    await mayak.drain()
+    survivor = await profile_of(mayak, ws_id, "ann")
+    assert survivor["id"] != loser and loser in survivor["merged_ids"]
+    change = NewEvent(
+        workspace_id=ws_id,
+        type="customer.traits_set",
+        name=None,
+        timestamp=now_ms(),
+        received_at=now_ms(),
+        source="admin",
+        actor="test",
+        customer_id=loser,
+        payload={"traits": {"city": "Leeds"}},
+    )
+    await mayak.writer.submit([change])
+    await mayak.drain()
+    assert (await profile_of(mayak, ws_id, "ann"))["traits"] == {"plan": "basic", "city": "Leeds"}

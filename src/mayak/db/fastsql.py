@@ -23,7 +23,7 @@ import orjson
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from mayak.db.database import InlineSqlite, pg_call
+from mayak.db.database import inline_driver, pg_call
 
 
 def load_json(value: Any) -> Any:
@@ -142,11 +142,8 @@ def _pg_rowcount(status: Any) -> int:
 
 def _raw(conn: AsyncConnection) -> sqlite3.Connection | None:
     """The sqlite3 connection of an inline SQLite write connection, else None."""
-    sync = conn.sync_connection
-    if sync is None:
-        return None
-    driver = sync.connection.driver_connection
-    return driver._conn if isinstance(driver, InlineSqlite) else None
+    driver = inline_driver(conn)
+    return driver._conn if driver is not None else None
 
 
 def _wrap(sql: str, params: Any, exc: sqlite3.Error) -> Exception:
