@@ -170,3 +170,28 @@ def test_entity_defaults_reach_every_engine() -> None:
 def test_bad_specs(spec: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_engine(spec)  # type: ignore[arg-type]
+
+
+def test_a_bot_turn_gets_the_same_intent_from_engines_with_and_without_top() -> None:
+    """A turn asks ``CompiledBot.top_intent``: the linear engine answers through its cheaper ``top``,
+    an engine without one (the ensemble) through ``parse``; both say what ``understand`` says."""
+    from pathlib import Path
+
+    from mayak.bots.compiled import CompiledBot, compile_bot
+    from mayak.bots.loader import load_folder
+
+    demo = load_folder(Path(__file__).parents[1] / "src" / "mayak" / "bots" / "examples" / "demo_motors")
+    definition = demo.definition
+    ensemble = {
+        **definition,
+        "bot": {**definition["bot"], "nlu": {"engine": ["linear", "linear"]}},
+    }
+    bots: list[CompiledBot] = [compile_bot("b", 1, definition), compile_bot("b", 2, ensemble)]
+    assert hasattr(bots[0].nlu, "top") and not hasattr(bots[1].nlu, "top")
+    for bot in bots:
+        for text in ("I want to book a service", "where is my car", "когда будет готова машина", "qqq zzz"):
+            parsed = bot.understand(text)
+            top = bot.top_intent(text)
+            assert parsed is not None and parsed.intent is not None and top is not None
+            assert (top.name, top.confidence) == (parsed.intent.name, pytest.approx(parsed.intent.confidence))
+        assert bot.top_intent("   ") is None

@@ -297,3 +297,28 @@ def test_the_word_cache_gives_the_vectors_of_whole_text_counting() -> None:
             ref_order = np.argsort(ref_idx)
             assert np.asarray(idx)[order].tolist() == np.asarray(ref_idx)[ref_order].tolist()
             assert np.allclose(np.asarray(vals)[order], np.asarray(ref_vals)[ref_order])
+
+
+def test_top_is_the_parses_best_intent(engines: dict[str, LinearEngine], demo: dict[str, Any]) -> None:
+    """``top`` (what a bot turn asks for) answers exactly what ``parse(text).intent`` does: for
+    held-out sentences, gibberish, text the engine has never seen a character of, and a model with a
+    single intent."""
+    texts = (
+        [e.text for lang in ("en", "ru") for e in examples(demo, lang, "test")] + GIBBERISH + ["@@@ ###", "ж"]
+    )
+    for engine in engines.values():
+        for text in texts:
+            best = engine.parse(text).intent
+            top = engine.top(text)
+            assert best is not None
+            assert (top.name, top.confidence) == (best.name, pytest.approx(best.confidence, abs=1e-12)), text
+    single = LinearEngine()
+    single.train(
+        [Example("book a service appointment", "book_service"), Example("service my car", "book_service")]
+    )
+    for text in ("I want to book a service", "zzz qqq", "!!!"):
+        best = single.parse(text).intent
+        assert best is not None and (single.top(text).name, single.top(text).confidence) == (
+            best.name,
+            best.confidence,
+        )

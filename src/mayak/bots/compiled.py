@@ -19,8 +19,10 @@ import orjson
 from mayak.bots.loader import ACTIONS, CONDITION_FUNCTIONS, CONDITION_ROOTS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from mayak.conditions import Condition
-    from mayak.nlu import Parse
+    from mayak.nlu import IntentScore, Parse
 
 DEFAULT_THRESHOLD = 0.45
 DEFAULT_FALLBACK_AFTER = 2
@@ -148,6 +150,16 @@ class CompiledBot:
             return None
         result: Parse = self.nlu.parse(text[:1000])
         return result
+
+    def top_intent(self, text: str) -> IntentScore | None:
+        """``understand(text).intent``, through the engine's cheaper ``top`` where it has one."""
+        if self.nlu is None or not text.strip():
+            return None
+        top: Callable[[str], IntentScore] | None = getattr(self.nlu, "top", None)
+        if top is not None:
+            return top(text[:1000])
+        parsed: Parse = self.nlu.parse(text[:1000])
+        return parsed.intent
 
     def text(self, ref: Any, language: str) -> str:
         """The template for a text reference (``@key``, inline text, or per-language mapping)."""

@@ -263,8 +263,7 @@ class Turn:
         if known is not None:
             best = known[0]
         else:
-            result = self.bot.understand(text)
-            intent = None if result is None else result.intent
+            intent = self.bot.top_intent(text)
             best = None if intent is None else (intent.name, float(intent.confidence))
         if best is None:
             return None

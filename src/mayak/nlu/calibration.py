@@ -55,6 +55,17 @@ class Calibration:
             probs = probs * (cap / probs[best])
         return probs
 
+    def best(self, scores: FloatArray) -> tuple[int, float]:
+        """The best intent's index and its calibrated probability: ``probabilities(scores)`` at the
+        argmax, without building the other intents' (a bot turn needs only this one)."""
+        best = int(scores.argmax())
+        top = float(scores[best])
+        # the softmax at the best intent: 1 / sum(exp((s_i - s_best) / T)), the same number
+        spread = np.exp((scores - top) / self.temperature)
+        prob = 1.0 / float(spread.sum())
+        cap = 0.5 * (1.0 + math.tanh(0.5 * (self.platt_a * top + self.platt_b)))
+        return best, min(prob, cap)
+
 
 def softmax(scores: FloatArray, temperature: float) -> FloatArray:
     z = scores / temperature

@@ -288,8 +288,8 @@ class LinearEngine:
         return self._model
 
     def _probs(self, model: _Model, norm: str) -> FloatArray:
-        idx, vals = model.featuriser.vector(norm)
-        if model.weights is None or model.bias is None or model.calibration is None:
+        if model.calibration is None:  # one intent: its similarity to the closest training example
+            idx, vals = model.featuriser.vector(norm)
             if model.examples is None or len(idx) == 0:
                 return np.zeros(1)
             v = sparse.csr_matrix(
@@ -297,10 +297,35 @@ class LinearEngine:
             )
             sim = float((model.examples @ v.T).max())
             return np.array([min(1.0, max(0.0, sim))])
-        if len(idx) == 0:  # nothing the engine has ever seen: no evidence for any intent
+        scores = self._scores(model, norm)
+        if scores is None:  # nothing the engine has ever seen: no evidence for any intent
             return np.zeros(len(model.intents))
-        scores: FloatArray = vals @ model.weights[idx] + model.bias
         return model.calibration.probabilities(scores)
+
+    @staticmethod
+    def _scores(model: _Model, norm: str) -> FloatArray | None:
+        """The SVM's score of every intent; None when the text has no n-gram the engine knows (or
+        the model has one intent, and no SVM)."""
+        if model.weights is None or model.bias is None:
+            return None
+        idx, vals = model.featuriser.vector(norm)
+        if len(idx) == 0:
+            return None
+        scores: FloatArray = vals @ model.weights[idx] + model.bias
+        return scores
+
+    def top(self, text: str) -> IntentScore:
+        """``parse(text).intent`` alone: the best intent and its confidence, without ranking the
+        others or extracting entities (what a bot turn asks for, once per message)."""
+        model = self._require_model()
+        norm = normalise(text)
+        if model.calibration is None:
+            return IntentScore(model.intents[0], float(self._probs(model, norm)[0]))
+        scores = self._scores(model, norm)
+        if scores is None:  # as parse: every intent at 0, the first one ranked first
+            return IntentScore(model.intents[0], 0.0)
+        best, confidence = model.calibration.best(scores)
+        return IntentScore(model.intents[best], confidence)
 
     def parse(self, text: str) -> Parse:
         model = self._require_model()
