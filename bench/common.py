@@ -88,10 +88,12 @@ def proc_status_kib(pid: int, field_name: str) -> int | None:
     return None
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds the process has used so far (/proc/PID/stat)."""
+def proc_cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU seconds the process (or one of its threads: ``thread`` is its id, the
+    process id for the main thread) has used so far (/proc/PID/stat, /proc/PID/task/TID/stat)."""
+    path = f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as fh:
+        with open(path) as fh:
             raw = fh.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
@@ -174,6 +176,12 @@ class Server:
     def rss_mib(self) -> float | None:
         kib = proc_status_kib(self.pid, "VmRSS")
         return None if kib is None else kib / 1024
+
+    def main_thread_cpu_seconds(self) -> float | None:
+        """CPU seconds of the server's main thread (the event loop: HTTP, the ingest writer, bot
+        turns). Its busy share is what a CPU-bound run saturates first, and it varies less from
+        run to run than latency percentiles do: the figure to compare two versions by."""
+        return proc_cpu_seconds(self.pid, self.pid)
 
     def cpu_seconds(self) -> float | None:
         total = proc_cpu_seconds(self.pid)

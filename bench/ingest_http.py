@@ -369,6 +369,7 @@ async def run_backend(
         sender = Sender(heads, bodies)
         samples: list[dict[str, float]] = []
         cpu0, own0 = server.cpu_seconds() or 0.0, self_cpu_seconds()
+        main0 = server.main_thread_cpu_seconds() or 0.0
         print(
             f"[{backend}] server pid {server.pid} on port {server.port}; sending {work.events:,} events "
             f"in {len(bodies):,} requests over {args.connections} connections",
@@ -410,6 +411,7 @@ async def run_backend(
             await asyncio.sleep(args.poll)
         all_done = time.perf_counter() - started
         server_cpu = (server.cpu_seconds() or 0.0) - cpu0
+        main_cpu = (server.main_thread_cpu_seconds() or 0.0) - main0
         own_cpu = self_cpu_seconds() - own0
         peak_rss, rss = server.peak_rss_mib(), server.rss_mib()
         for c in [*clients, monitor]:
@@ -438,6 +440,8 @@ async def run_backend(
         "server_rss_end_mib": rss,
         "server_cpu_s_during_http": http_cpu,
         "server_cpu_s_total": server_cpu,
+        "server_main_thread_cpu_s": main_cpu,
+        "server_main_thread_us_per_event": main_cpu / sender.accepted * 1e6 if sender.accepted else None,
         "loadgen_cpu_s": own_cpu,
         "metrics_end": {
             k: v for k, v in metrics.items() if k.startswith("mayak_") and not k.endswith("_created")
@@ -476,6 +480,12 @@ def print_result(r: dict[str, Any], raw: dict[str, dict[str, Any]]) -> None:
         f"  server CPU             {r['server_cpu_s_total']:.1f} s ({r['server_cpu_s_during_http']:.1f} s "
         f"while sending); load generator {r['loadgen_cpu_s']:.1f} s"
     )
+    if r.get("server_main_thread_us_per_event") is not None:
+        busy = r["server_main_thread_cpu_s"] / r["processed_seconds"] if r["processed_seconds"] else 0.0
+        print(
+            f"  server main thread     {r['server_main_thread_cpu_s']:.1f} s ({busy:.0%} busy), "
+            f"{r['server_main_thread_us_per_event']:.1f} µs an event"
+        )
     print(
         f"  accepted {r['accepted']:,}, duplicates {r['duplicates']:,}, "
         f"failed requests {r['failed_requests']}"

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,8 +209,13 @@ def _resend(conv: Conversation, cid: str) -> None:
 
 
 async def run_load(
-    url: str, write_key: str, args: argparse.Namespace, with_bot: bool
+    url: str,
+    write_key: str,
+    args: argparse.Namespace,
+    with_bot: bool,
+    on_connected: Callable[[], None] | None = None,
 ) -> tuple[Results, dict[str, float]]:
+    """Open the conversations, then offer the load; ``on_connected`` is called in between."""
     n = args.conversations
     started = time.perf_counter()
     convs: list[Conversation] = []
@@ -223,6 +229,8 @@ async def run_load(
     convs.sort(key=lambda c: c.index)
     connect_s = time.perf_counter() - started
     print(f"opened {n:,} conversations in {connect_s:.2f} s", flush=True)
+    if on_connected is not None:
+        on_connected()
 
     res = Results()
     done = asyncio.Event()
@@ -333,8 +341,15 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         url = f"{ws_scheme}://{host}:{port}/v1/webchat/{channel_id}/ws"
         cpu0 = server.cpu_seconds() if server else None
         own0 = self_cpu_seconds()
-        res, timing = await run_load(url, keys["write_key"], args, with_bot)
+        main0: list[float] = []  # the main thread's CPU once the conversations are open
+
+        def connected() -> None:
+            if server is not None:
+                main0.append(server.main_thread_cpu_seconds() or 0.0)
+
+        res, timing = await run_load(url, keys["write_key"], args, with_bot, connected)
         server_cpu = (server.cpu_seconds() or 0.0) - (cpu0 or 0.0) if server else None
+        main_cpu = (server.main_thread_cpu_seconds() or 0.0) - main0[0] if server and main0 else None
         own_cpu = self_cpu_seconds() - own0
         peak_rss = server.peak_rss_mib() if server else None
     finally:
@@ -370,6 +385,9 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "connect_s": timing["connect_s"],
         "scheduler_max_lag_ms": timing["scheduler_max_lag_ms"],
         "server_cpu_s": server_cpu,
+        "server_main_thread_cpu_s": main_cpu,
+        # the main thread's CPU per message taken, from the last conversation opened to the end
+        "server_main_thread_us_per_msg": main_cpu / res.acked * 1e6 if main_cpu and res.acked else None,
         "server_peak_rss_mib": peak_rss,
         "loadgen_cpu_s": own_cpu,
     }
@@ -414,6 +432,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         print(
             f"  server CPU {server_cpu:.1f} s, peak RSS {peak_rss or 0:.0f} MiB; "
             f"load generator CPU {own_cpu:.1f} s"
+        )
+    if result["server_main_thread_us_per_msg"] is not None:
+        print(
+            f"  server main thread {main_cpu or 0:.1f} s, "
+            f"{result['server_main_thread_us_per_msg']:.0f} µs a message taken"
         )
     if res.errors:
         print(f"  first error: {res.errors[0]}")
