@@ -258,6 +258,10 @@ async def test_metrics_and_health(client, mayak: Mayak, ws, pipeline_mode) -> No
     text = (await client.get("/metrics")).text
     assert "mayak_events_accepted_total 1.0" in text
     assert "mayak_events_deduplicated_total 1.0" in text
+    # the group's commit was timed (one group, or one per request without the writer task)
+    commits = mayak.metrics.registry.get_sample_value("mayak_ingest_commit_seconds_count")
+    assert commits is not None and commits >= 1
+    assert "mayak_ingest_commit_seconds_bucket" in text
     # Inline, the profile is built in the appending transaction; otherwise the lane has it to do.
     lag = "0.0" if pipeline_mode == "inline" else "1.0"
     assert f"mayak_pipeline_lag_events {lag}" in text

@@ -41,6 +41,12 @@ class Metrics:
         self.timers_fired = Counter("mayak_timers_fired", "Durable timers fired", registry=r)
         self.merges = Counter("mayak_customers_merged", "Customer merges", registry=r)
         self.conflicts = Counter("mayak_identity_conflicts", "Identity conflicts recorded", registry=r)
+        self.commit_seconds = Histogram(
+            "mayak_ingest_commit_seconds",
+            "Ingest writer: from a group's last statement until its transaction has committed",
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+        )
         self.request_seconds = Histogram(
             "mayak_http_request_seconds",
             "HTTP request latency",

@@ -96,8 +96,11 @@ class IngestWriter:
             if any(ev.source in sources for ev in batch):
                 await enrich(batch)
         if self._task is None:
+            loop = asyncio.get_running_loop()
             async with self.db.write() as conn:
                 result, advanced = await self._append(conn, batch)
+                built = loop.time()
+            self.metrics.commit_seconds.observe(loop.time() - built)
             self._count(result)
             await self._committed(advanced)
             return result
@@ -232,7 +235,8 @@ class IngestWriter:
             async with self.db.write() as conn:
                 started = loop.time()
                 result, advanced = await self._append(conn, flat)
-                if self._busy(started, loop.time()):
+                built = loop.time()
+                if self._busy(started, built):
                     self.db.offload_commit(conn)
         except Exception as exc:  # nothing of this group was committed
             self._answer_held()
@@ -247,6 +251,9 @@ class IngestWriter:
                 if not fut.done():
                     fut.set_exception(exc)
             return
+        # A commit that takes long holds up the next group (the SQLite writer cannot begin another
+        # transaction meanwhile): on SQLite, usually a checkpoint syncing the files at the same moment.
+        self.metrics.commit_seconds.observe(loop.time() - built)
         self._answer_held()  # the group before: committed, and its answers waited long enough
         await self._committed(advanced)
         offset = 0
