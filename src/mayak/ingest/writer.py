@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import structlog
@@ -96,11 +96,8 @@ class IngestWriter:
             if any(ev.source in sources for ev in batch):
                 await enrich(batch)
         if self._task is None:
-            loop = asyncio.get_running_loop()
-            async with self.db.write() as conn:
+            async with self._write() as conn:
                 result, advanced = await self._append(conn, batch)
-                built = loop.time()
-            self.metrics.commit_seconds.observe(loop.time() - built)
             self._count(result)
             await self._committed(advanced)
             return result
@@ -109,6 +106,18 @@ class IngestWriter:
         self._idle.clear()
         self._wake.set()
         return await fut
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        """``Database.write`` with its commit timed (``mayak_ingest_commit_seconds``: from the end of
+        the block until the commit returned). A commit that takes long holds up the next group, as
+        the SQLite writer cannot begin another transaction meanwhile; on SQLite it is usually a
+        checkpoint syncing the files at the same moment (docs/operations.md)."""
+        loop = asyncio.get_running_loop()
+        async with self.db.write() as conn:
+            yield conn
+            built = loop.time()
+        self.metrics.commit_seconds.observe(loop.time() - built)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is committed."""
@@ -232,11 +241,10 @@ class IngestWriter:
         flat = [ev for batch, _ in group for ev in batch]
         loop = asyncio.get_running_loop()
         try:
-            async with self.db.write() as conn:
+            async with self._write() as conn:
                 started = loop.time()
                 result, advanced = await self._append(conn, flat)
-                built = loop.time()
-                if self._busy(started, built):
+                if self._busy(started, loop.time()):
                     self.db.offload_commit(conn)
         except Exception as exc:  # nothing of this group was committed
             self._answer_held()
@@ -251,9 +259,6 @@ class IngestWriter:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        # A commit that takes long holds up the next group (the SQLite writer cannot begin another
-        # transaction meanwhile): on SQLite, usually a checkpoint syncing the files at the same moment.
-        self.metrics.commit_seconds.observe(loop.time() - built)
         self._answer_held()  # the group before: committed, and its answers waited long enough
         await self._committed(advanced)
         offset = 0
