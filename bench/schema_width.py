@@ -1,13 +1,15 @@
 """What the width of the workspace key costs SQLite's hot writes (a synthetic experiment).
 
-Builds two SQLite files shaped like Mayak's event log and dedup keys (the same columns and indexes
-that ingestion writes for every event), one with the workspace id as stored today (a 29-character
-text id in every row and index entry) and one with a small integer in its place. Each is filled
-with ``--rows`` events and dedup keys for 100,000 customers; then groups of ``--group`` events
-are written the way the ingest writer does (``executemany`` into both tables, one transaction per
-group). Prints, for each layout: the statements' time per event (the writer's thread), the
-COMMIT's time per event (the committer's thread), write-ahead-log frames per event and the file's
-size. The layouts run alternately, ``--rounds`` times.
+Builds two SQLite files shaped like the tables ingestion reads and writes for every event (events
+and their two indexes, dedup keys, identities, customers: the same keys and indexes as Mayak's,
+fewer columns), one with the workspace id as stored today (a 29-character text id in every row
+and index entry) and one with a small integer in its place. Each holds 100,000 customers with two
+identities each and is filled with ``--rows`` events and dedup keys; then groups of ``--group``
+events are written the way the ingest writer does, one transaction per group: the dedup keys,
+each event's customer resolved (user id looked up, row read) and updated, the events. Prints, for
+each layout: the statements' time per event (the writer's thread), the COMMIT's time per event (the
+committer's thread), write-ahead-log frames per event and the file's size. The layouts run
+alternately, ``--rounds`` times.
 
     python bench/schema_width.py --rows 1000000 --rounds 2
 """
@@ -15,6 +17,7 @@ size. The layouts run alternately, ``--rounds`` times.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sqlite3
@@ -25,13 +28,21 @@ import uuid
 TEXT_WS = "ws_01JABCDEFGHJKMNPQRSTVWXYZ0"
 CUSTOMERS = [f"cus_01J{i:023d}" for i in range(100_000)]
 PAYLOAD = "x" * 330  # about the size of a benchmark event's JSON
+TRAITS = "t" * 400  # about the size of a benchmark customer's JSON columns together
 
 
 class Layout:
-    def __init__(self, integer_ws: bool, directory: str):
+    def __init__(self, integer_ws: bool, directory: str, integer_customers: bool = False):
         self.ws: str | int = 1 if integer_ws else TEXT_WS
         ws_type = "integer" if integer_ws else "varchar(40)"
-        self.path = os.path.join(directory, f"{'int' if integer_ws else 'text'}.db")
+        # integer customer keys: the customers table keyed by its rowid, events and identities
+        # pointing at it by number
+        self.customers: list[str] | list[int] = (
+            list(range(1, len(CUSTOMERS) + 1)) if integer_customers else CUSTOMERS
+        )
+        cid_type = "INTEGER" if integer_customers else "VARCHAR(40)"
+        name = ("int" if integer_ws else "text") + ("-intcust" if integer_customers else "")
+        self.path = os.path.join(directory, f"{name}.db")
         self.conn = sqlite3.connect(self.path, isolation_level=None)
         c = self.conn
         c.execute("PRAGMA journal_mode=WAL")
@@ -40,7 +51,7 @@ class Layout:
         c.execute("PRAGMA wal_autocheckpoint=0")
         c.execute(
             f"CREATE TABLE events (seq INTEGER PRIMARY KEY, id VARCHAR(40), workspace_id {ws_type}, "
-            "customer_id VARCHAR(40), payload TEXT)"
+            f"customer_id {cid_type}, payload TEXT)"
         )
         c.execute("CREATE INDEX ix_events_ws_seq ON events (workspace_id, seq)")
         c.execute("CREATE INDEX ix_events_customer ON events (workspace_id, customer_id, seq)")
@@ -49,28 +60,71 @@ class Layout:
             "PRIMARY KEY (workspace_id, key))"
         )
         c.execute("CREATE INDEX ix_dedup_seen ON dedup_keys (seen_at)")
+        c.execute(
+            f"CREATE TABLE customers (id {cid_type} PRIMARY KEY, workspace_id {ws_type}, traits TEXT, "
+            "last_seen INTEGER)"
+        )
+        c.execute("CREATE INDEX ix_customers_ws_id ON customers (workspace_id, id)")
+        c.execute(
+            f"CREATE TABLE identities (workspace_id {ws_type}, kind VARCHAR(40), value VARCHAR(300), "
+            f"customer_id {cid_type}, PRIMARY KEY (workspace_id, kind, value))"
+        )
+        c.execute("CREATE INDEX ix_identities_customer ON identities (workspace_id, customer_id)")
+        c.execute("BEGIN")
+        c.executemany(
+            "INSERT INTO customers VALUES (?, ?, ?, 0)", [(cid, self.ws, TRAITS) for cid in self.customers]
+        )
+        c.executemany(
+            "INSERT INTO identities VALUES (?, ?, ?, ?)",
+            [
+                (self.ws, kind, f"{kind}-{i}", cid)
+                for i, cid in enumerate(CUSTOMERS)
+                for kind in ("user_id", "email")
+            ],
+        )
+        c.execute("COMMIT")
         self.seq = 0
 
-    def group(self, n: int) -> tuple[float, float]:
-        """Write one group of ``n`` events; returns (statements, commit) seconds."""
+    def group(self, n: int, profiles: bool = True) -> tuple[float, float]:
+        """Write one group of ``n`` events; returns (statements, commit) seconds. With ``profiles``
+        each event's customer is also resolved and updated as the pipeline does: its user id looked
+        up, its row read, then written back."""
+        picked = [random.randrange(len(CUSTOMERS)) for _ in range(n)]
         rows = [
-            (self.seq + i + 1, "evt_" + uuid.uuid4().hex[:26], self.ws, random.choice(CUSTOMERS), PAYLOAD)
-            for i in range(n)
+            (self.seq + i + 1, "evt_" + uuid.uuid4().hex[:26], self.ws, self.customers[k], PAYLOAD)
+            for i, k in enumerate(picked)
         ]
         keys = [(self.ws, str(uuid.uuid4()), 1) for _ in range(n)]
         self.seq += n
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         started = time.perf_counter()
-        c.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
         c.executemany("INSERT INTO dedup_keys VALUES (?, ?, ?)", keys)
+        if profiles:
+            users = json.dumps([f"user_id-{k}" for k in picked])
+            found = c.execute(
+                "SELECT value, customer_id FROM identities WHERE workspace_id = ? AND kind = 'user_id' "
+                "AND value IN (SELECT value FROM json_each(?))",
+                (self.ws, users),
+            ).fetchall()
+            ids = json.dumps(sorted({cid for _, cid in found}))
+            read = c.execute(
+                "SELECT id, traits FROM customers WHERE workspace_id = ? "
+                "AND id IN (SELECT value FROM json_each(?))",
+                (self.ws, ids),
+            ).fetchall()
+            c.executemany(
+                "UPDATE customers SET traits = ?, last_seen = ? WHERE id = ?",
+                [(traits, self.seq, cid) for cid, traits in read],
+            )
+        c.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
         written = time.perf_counter()
         c.execute("COMMIT")
         return written - started, time.perf_counter() - written
 
     def fill(self, rows: int) -> None:
         for _ in range(rows // 1000):
-            self.group(1000)
+            self.group(1000, profiles=False)
         self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def measure(self, groups: int, size: int) -> str:
@@ -103,6 +157,7 @@ def main() -> None:
         layouts = {
             "text workspace id": Layout(False, directory),
             "integer workspace id": Layout(True, directory),
+            "and customer keys": Layout(True, directory, integer_customers=True),
         }
         for layout in layouts.values():
             layout.fill(args.rows)
