@@ -50,7 +50,7 @@ class Calibration:
         """Calibrated probabilities for one row of scores (they may sum to less than 1)."""
         probs = softmax(scores, self.temperature)
         best = int(scores.argmax())
-        cap = 0.5 * (1.0 + math.tanh(0.5 * (self.platt_a * float(scores[best]) + self.platt_b)))
+        cap = self._cap(float(scores[best]))
         if cap < probs[best]:
             probs = probs * (cap / probs[best])
         return probs
@@ -63,8 +63,11 @@ class Calibration:
         # the softmax at the best intent: 1 / sum(exp((s_i - s_best) / T)), the same number
         spread = np.exp((scores - top) / self.temperature)
         prob = 1.0 / float(spread.sum())
-        cap = 0.5 * (1.0 + math.tanh(0.5 * (self.platt_a * top + self.platt_b)))
-        return best, min(prob, cap)
+        return best, min(prob, self._cap(top))
+
+    def _cap(self, top: float) -> float:
+        """The Platt curve at the best intent's score: the most its probability may be."""
+        return 0.5 * (1.0 + math.tanh(0.5 * (self.platt_a * top + self.platt_b)))
 
 
 def softmax(scores: FloatArray, temperature: float) -> FloatArray:
