@@ -3,7 +3,7 @@
 ``tests/data/migrations/<revision>.db`` is a SQLite file built by Mayak at that revision through
 its public API (``build``): customers identified, anonymous and linked, merged, in conflict,
 erased, with traits, consents, preferences and stages set by the admin API. Next to it,
-``<revision>.json`` holds the workspace's keys and every answer of the reads in ``READS``. A later
+``<revision>.json`` holds the workspace's keys and every answer of the reads in ``reads``. A later
 revision must migrate the file and give the same answers (``tests/test_migrations.py``), which
 keeps a schema change honest about existing data.
 
@@ -16,6 +16,7 @@ tables that hold data:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sqlite3
 import sys
@@ -172,13 +173,14 @@ async def build(directory: Path) -> tuple[Path, dict[str, Any]]:
         r = await client.delete(f"/v1/customers/{ids[ERASED]}", headers=admin)
         assert r.status_code == 200, r.text
         await mayak.drain()
-        merged_away = [
-            row[0]
-            for row in sqlite3.connect(path).execute("SELECT id FROM customers WHERE merged_into IS NOT NULL")
-        ]
+        with contextlib.closing(sqlite3.connect(path)) as plain:
+            merged_away = [
+                row[0] for row in plain.execute("SELECT id FROM customers WHERE merged_into IS NOT NULL")
+            ]
+            revision = str(plain.execute("SELECT version_num FROM alembic_version").fetchone()[0])
         paths = reads(ids, merged_away)
         record = {
-            "revision": _revision(path),
+            "revision": revision,
             "keys": {"write": ws["write_key"], "secret": ws["secret_key"]},
             "ids": ids,
             "merged_away": merged_away,
@@ -188,17 +190,11 @@ async def build(directory: Path) -> tuple[Path, dict[str, Any]]:
         await client.aclose()
         await mayak.close()
     assert merged_away, "the fixture must hold a merged-away customer"
-    plain = sqlite3.connect(path)
-    plain.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    plain.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
-    plain.execute("VACUUM")
-    plain.close()
+    with contextlib.closing(sqlite3.connect(path)) as plain:
+        plain.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        plain.execute("PRAGMA journal_mode=DELETE")  # one self-contained file
+        plain.execute("VACUUM")
     return path, record
-
-
-def _revision(path: Path) -> str:
-    row = sqlite3.connect(path).execute("SELECT version_num FROM alembic_version").fetchone()
-    return str(row[0])
 
 
 async def _main() -> None:
