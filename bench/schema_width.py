@@ -24,6 +24,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 
 TEXT_WS = "ws_01JABCDEFGHJKMNPQRSTVWXYZ0"
 CUSTOMERS = [f"cus_01J{i:023d}" for i in range(100_000)]
@@ -32,7 +33,9 @@ TRAITS = "t" * 400  # about the size of a benchmark customer's JSON columns toge
 
 
 class Layout:
-    def __init__(self, integer_ws: bool, directory: str, integer_customers: bool = False):
+    def __init__(
+        self, integer_ws: bool, directory: str, integer_customers: bool = False, without_rowid: bool = False
+    ):
         self.ws: str | int = 1 if integer_ws else TEXT_WS
         ws_type = "integer" if integer_ws else "varchar(40)"
         # integer customer keys: the customers table keyed by its rowid, events and identities
@@ -41,7 +44,13 @@ class Layout:
             list(range(1, len(CUSTOMERS) + 1)) if integer_customers else CUSTOMERS
         )
         cid_type = "INTEGER" if integer_customers else "VARCHAR(40)"
-        name = ("int" if integer_ws else "text") + ("-intcust" if integer_customers else "")
+        name = (
+            ("int" if integer_ws else "text")
+            + ("-intcust" if integer_customers else "")
+            + ("-norowid" if without_rowid else "")
+        )
+        # without_rowid: the small composite-keyed tables stored in their primary key's B-tree
+        clustered = " WITHOUT ROWID" if without_rowid else ""
         self.path = os.path.join(directory, f"{name}.db")
         self.conn = sqlite3.connect(self.path, isolation_level=None)
         c = self.conn
@@ -57,7 +66,7 @@ class Layout:
         c.execute("CREATE INDEX ix_events_customer ON events (workspace_id, customer_id, seq)")
         c.execute(
             f"CREATE TABLE dedup_keys (workspace_id {ws_type}, key VARCHAR(300), seen_at INTEGER, "
-            "PRIMARY KEY (workspace_id, key))"
+            f"PRIMARY KEY (workspace_id, key)){clustered}"
         )
         c.execute("CREATE INDEX ix_dedup_seen ON dedup_keys (seen_at)")
         c.execute(
@@ -67,7 +76,7 @@ class Layout:
         c.execute("CREATE INDEX ix_customers_ws_id ON customers (workspace_id, id)")
         c.execute(
             f"CREATE TABLE identities (workspace_id {ws_type}, kind VARCHAR(40), value VARCHAR(300), "
-            f"customer_id {cid_type}, PRIMARY KEY (workspace_id, kind, value))"
+            f"customer_id {cid_type}, PRIMARY KEY (workspace_id, kind, value)){clustered}"
         )
         c.execute("CREATE INDEX ix_identities_customer ON identities (workspace_id, customer_id)")
         c.execute("BEGIN")
@@ -151,14 +160,22 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=850, help="events per transaction while measuring")
     parser.add_argument("--groups", type=int, default=100, help="transactions measured per round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--layouts", default="", help="comma-separated numbers of the layouts to run (1-5; default all)"
+    )
     args = parser.parse_args()
     random.seed(1)
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as directory:
-        layouts = {
-            "text workspace id": Layout(False, directory),
-            "integer workspace id": Layout(True, directory),
-            "and customer keys": Layout(True, directory, integer_customers=True),
+        makers: dict[str, Callable[[], Layout]] = {
+            "text workspace id": lambda: Layout(False, directory),
+            "integer workspace id": lambda: Layout(True, directory),
+            "and customer keys": lambda: Layout(True, directory, integer_customers=True),
+            "text ws, customer keys": lambda: Layout(False, directory, integer_customers=True),
+            "text, without rowid": lambda: Layout(False, directory, without_rowid=True),
         }
+        names = list(makers)
+        chosen = [names[int(n) - 1] for n in args.layouts.split(",")] if args.layouts else names
+        layouts = {name: makers[name]() for name in chosen}
         for layout in layouts.values():
             layout.fill(args.rows)
         for round_ in range(args.rounds):

@@ -21,6 +21,7 @@ from mayak.channels.telegram import TelegramAdapter
 from mayak.config import Settings
 from mayak.db.schema import events, outbox, outbox_attempts
 from mayak.delivery.outbox import OutboxItem, enqueue
+from mayak.eventlog import event_rows
 from mayak.platform import Mayak
 from tests.conftest import admin
 from tests.telegram_emulator import Bot, TelegramEmulator, telegram_server, tg
@@ -67,7 +68,7 @@ async def connect(
 
 async def logged(mayak: Mayak, ws: dict[str, Any], name: str | None = None) -> list[dict[str, Any]]:
     """The workspace's events in log order (payload decoded)."""
-    query = sa.select(events).where(events.c.workspace_id == ws["id"]).order_by(events.c.seq)
+    query = event_rows(events.c.workspace_id == ws["id"]).order_by(events.c.seq)
     if name is not None:
         query = query.where(events.c.name == name)
     async with mayak.db.read() as conn:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from mayak.db.schema import events, identities
+from mayak.db.schema import customers, events, identities
 from mayak.platform import Mayak
 from tests.conftest import admin, write_auth
 from tests.test_profiles import by_identity, send
@@ -202,7 +202,9 @@ async def test_replay_rebuilds_the_same_profiles(client, mayak: Mayak, ws) -> No
         idents_before = sorted(
             tuple(r)
             for r in await conn.execute(
-                sa.select(identities.c.kind, identities.c.value, identities.c.customer_id)
+                sa.select(identities.c.kind, identities.c.value, customers.c.id).join(
+                    customers, customers.c.key == identities.c.customer_key
+                )
             )
         )
     await mayak.customers.replay(ws["id"])
@@ -211,7 +213,9 @@ async def test_replay_rebuilds_the_same_profiles(client, mayak: Mayak, ws) -> No
         idents_after = sorted(
             tuple(r)
             for r in await conn.execute(
-                sa.select(identities.c.kind, identities.c.value, identities.c.customer_id)
+                sa.select(identities.c.kind, identities.c.value, customers.c.id).join(
+                    customers, customers.c.key == identities.c.customer_key
+                )
             )
         )
     assert idents_after == idents_before

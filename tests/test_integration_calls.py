@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from mayak.db.schema import events, outbox
 from mayak.delivery.outbox import OutboxItem, OutboxRow, enqueue
+from mayak.eventlog import event_rows
 from mayak.integrations.calls import MAX_BODY_BYTES, integrations
 from mayak.platform import Mayak
 from tests.conftest import admin, write_auth
@@ -152,9 +153,9 @@ async def run_call(
 async def results(mayak: Mayak, ws: dict[str, Any]) -> list[dict[str, Any]]:
     async with mayak.db.read() as conn:
         rows = await conn.execute(
-            sa.select(events.c.payload, events.c.customer_id, events.c.source)
-            .where(events.c.workspace_id == ws["id"], events.c.type == "integration.result")
-            .order_by(events.c.seq)
+            event_rows(events.c.workspace_id == ws["id"], events.c.type == "integration.result").order_by(
+                events.c.seq
+            )
         )
         out = []
         for r in rows:

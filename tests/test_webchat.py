@@ -24,7 +24,7 @@ from mayak.channels import user_tokens
 from mayak.channels.webchat import CLOSE_GONE, TokenBucket, adapter_of, origin_allowed
 from mayak.db.schema import events, outbox, outbox_attempts
 from mayak.delivery.outbox import OutboxItem, enqueue
-from mayak.eventlog import NewEvent, append
+from mayak.eventlog import NewEvent, append, event_rows
 from mayak.platform import Mayak
 from mayak.timeutil import now_ms
 from tests.conftest import admin
@@ -131,7 +131,7 @@ async def live(mayak: Mayak, ws: dict[str, Any]) -> AsyncIterator[Live]:
 
 async def logged(mayak: Mayak, ws_id: str, **where: Any) -> list[Any]:
     async with mayak.db.read() as conn:
-        query = sa.select(events).where(events.c.workspace_id == ws_id)
+        query = event_rows(events.c.workspace_id == ws_id)
         for name, value in where.items():
             query = query.where(events.c[name] == value)
         return list((await conn.execute(query.order_by(events.c.seq))).all())

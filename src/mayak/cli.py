@@ -254,6 +254,7 @@ def _data_dir() -> Path:
 async def ensure_demo(m: Mayak, customers: int) -> dict[str, Any]:
     """Create Demo Motors once; later runs reuse it and its keys (kept in the data directory)."""
     from mayak import demo
+    from mayak.db.schema import customers as customer_rows
     from mayak.db.schema import identities
     from mayak.eventlog import NewEvent
     from mayak.timeutil import now_ms
@@ -276,9 +277,9 @@ async def ensure_demo(m: Mayak, customers: int) -> dict[str, Any]:
         await m.pipeline.run_until_idle()
         async with m.db.read() as conn:
             rows = await conn.execute(
-                sa.select(identities.c.value, identities.c.customer_id).where(
-                    identities.c.workspace_id == ws["id"], identities.c.kind == "user_id"
-                )
+                sa.select(identities.c.value, customer_rows.c.id)
+                .join(customer_rows, customer_rows.c.key == identities.c.customer_key)
+                .where(identities.c.workspace_id == ws["id"], identities.c.kind == "user_id")
             )
             owners = dict(rows.all())
         now = now_ms()

@@ -20,12 +20,21 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql, dump_json
-from mayak.db.schema import dedup_keys, events
+from mayak.db.schema import customers, dedup_keys, events
 from mayak.ids import new_ids
 from mayak.timeutil import ms_to_rfc3339, now_ms
 
 APPEND_LOCK = "log"
 DEDUP_WINDOW_MS = 7 * 86_400_000  # default; MAYAK_DEDUP_WINDOW_DAYS
+SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
+# Sources whose Segment-shaped events are attributed by the identities they carry (the others name
+# their customer). Channel events may carry only a channel identity (``context.externalIds``).
+RESOLVED_SOURCES = frozenset({"api", "telegram", "webchat", "hook"})
+
+
+def resolved_by_identities(etype: str, source: str) -> bool:
+    """Whether the pipeline finds this event's customer by its identities (else the event names it)."""
+    return etype in SEGMENT_TYPES and source in RESOLVED_SOURCES
 
 
 @dataclass(slots=True)
@@ -41,6 +50,7 @@ class NewEvent:
     dedup_key: str | None = None
     customer_id: str | None = None
     id: str = ""
+    customer_key: int | None = None  # the named customer's number, where the appender knows it
 
 
 @dataclass(slots=True)
@@ -193,22 +203,31 @@ async def _deduplicate_pg(
 
 
 async def reserve_seqs(db: Database, conn: AsyncConnection, count: int) -> list[int]:
-    """The next ``count`` log sequence numbers, inside the caller's write transaction.
+    """The next ``count`` log sequence numbers, inside the caller's write transaction."""
+    return await reserve_numbers(db, conn, "events", "seq", count)
 
-    SQLite: the table is AUTOINCREMENT, so a number is never reused even after deletions (an erased
+
+async def reserve_numbers(
+    db: Database, conn: AsyncConnection, table: str, column: str, count: int
+) -> list[int]:
+    """The next ``count`` numbers of an auto-numbered key (events' ``seq``, customers' ``key``),
+    inside the caller's write transaction, so rows can point at each other before they are written.
+
+    SQLite: the tables are AUTOINCREMENT, so a number is never reused even after deletions (an erased
     or suppressed last event must not hand its number to a newer one behind a consumer's cursor);
     the process's single writer makes max+1… safe, and another process racing us fails the commit on
     the primary key rather than reusing a number. PostgreSQL: the column's sequence.
     """
     if db.dialect == "postgresql":
         rows = await conn.exec_driver_sql(
-            "SELECT nextval(pg_get_serial_sequence('events', 'seq')) FROM generate_series(1, $1)", (count,)
+            f"SELECT nextval(pg_get_serial_sequence('{table}', '{column}')) FROM generate_series(1, $1)",
+            (count,),
         )
         return sorted(int(r[0]) for r in rows)
     found = await FastSql(db.dialect).fetch(
         conn,
-        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0),"
-        " coalesce((SELECT max(seq) FROM events), 0))",
+        f"SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0),"
+        f" coalesce((SELECT max({column}) FROM {table}), 0))",
     )
     start = int(found[0][0]) + 1 if found else 1
     return list(range(start, start + count))
@@ -219,7 +238,10 @@ async def insert(
 ) -> None:
     """Step two of an append: store deduplicated events under the given sequence numbers.
 
-    While a consumer watches the transaction (``watch_appends``), it also gets every stored row.
+    An event's ``customer_key`` is stored as its attribution (the pipeline sets it for events that
+    come without); its ``customer_id`` only where the event names its customer (not for events
+    resolved by their identities). While a consumer watches the transaction (``watch_appends``), it
+    also gets every stored row, with the customer's public id as the event carries it.
     """
     sql = FastSql(db.dialect)
     rows = [
@@ -229,7 +251,8 @@ async def insert(
             ev.workspace_id,
             ev.type,
             ev.name,
-            ev.customer_id,
+            None if resolved_by_identities(ev.type, ev.source) else ev.customer_id,
+            ev.customer_key,
             ev.timestamp,
             ev.received_at,
             ev.source,
@@ -241,20 +264,17 @@ async def insert(
     if sql.pg:  # binary COPY: the cheapest way in for the server (no executor per row)
         await sql.copy(conn, "events", _EVENT_COLUMNS, rows)
     else:
-        await sql.run_many(conn, f"{_INSERT_EVENTS} VALUES ({sql.values(11)})", rows)
+        await sql.run_many(conn, f"{_INSERT_EVENTS} VALUES ({sql.values(12)})", rows)
     sink = conn.info.get(APPEND_SINK)
     if sink is not None:
-        sink.extend(rows)
+        sink.extend((*row[:5], ev.customer_id, *row[6:]) for row, ev in zip(rows, kept, strict=True))
 
 
-_INSERT_EVENTS = (
-    "INSERT INTO events (seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, "
-    "actor, payload)"
-)
 _EVENT_COLUMNS = (
-    "seq", "id", "workspace_id", "type", "name", "customer_id", "timestamp", "received_at", "source",
-    "actor", "payload",
+    "seq", "id", "workspace_id", "type", "name", "customer_id", "customer_key", "timestamp", "received_at",
+    "source", "actor", "payload",
 )  # fmt: skip
+_INSERT_EVENTS = f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)})"
 APPEND_SINK = "mayak.appended"  # key in a connection's info: rows appended while a consumer watches
 
 
@@ -305,6 +325,25 @@ class LoggedEvent:
     source: str
     actor: str | None
     payload: dict[str, Any]
+    customer_key: int | None = None  # the attributed customer's number (not shown outside)
+
+
+def event_rows(*where: Any) -> sa.Select[Any]:
+    """Events as the API shows them: ``customer_id`` is the public id of the customer the event is
+    attributed to (else the one it named). Add ORDER BY and LIMIT."""
+    attributed = sa.select(customers.c.id).where(customers.c.key == events.c.customer_key).scalar_subquery()
+    return sa.select(
+        events.c.seq,
+        events.c.id,
+        events.c.type,
+        events.c.name,
+        sa.func.coalesce(attributed, events.c.customer_id).label("customer_id"),
+        events.c.timestamp,
+        events.c.received_at,
+        events.c.source,
+        events.c.actor,
+        events.c.payload,
+    ).where(*where)
 
 
 def event_json(event: Any, payload: dict[str, Any]) -> dict[str, Any]:

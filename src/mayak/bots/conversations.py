@@ -18,7 +18,7 @@ from mayak.bots.engine import STATUS_BOT, STATUS_HUMAN, STATUS_WAITING
 from mayak.bots.store import BotStore
 from mayak.channels.events import INBOUND_NAMES
 from mayak.db.database import Database
-from mayak.db.schema import conversations, events
+from mayak.db.schema import conversations, events, key_of
 from mayak.errors import Conflict, InvalidRequest, NotFound
 from mayak.ingest.writer import IngestWriter
 from mayak.pipeline.customers import apply_admin_event, check_limit, decode_cursor, encode_cursor
@@ -179,7 +179,7 @@ async def _transcript(conn: Any, ws_id: str, customer_id: str) -> list[dict[str,
             )
             .where(
                 events.c.workspace_id == ws_id,
-                events.c.customer_id == customer_id,
+                events.c.customer_key == key_of(ws_id, customer_id),
                 sa.or_(
                     sa.and_(events.c.type == "track", events.c.name.in_(sorted(INBOUND_NAMES))),
                     events.c.type == "message.outbound",

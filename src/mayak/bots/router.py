@@ -36,7 +36,7 @@ from mayak.channels.events import INBOUND_NAMES
 from mayak.channels.service import ChannelService
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql, load_json
-from mayak.db.schema import events, identities
+from mayak.db.schema import events, identities, key_of
 from mayak.delivery import timers
 from mayak.delivery.outbox import OutboxItem, enqueue
 from mayak.errors import NotFound
@@ -283,6 +283,7 @@ class _Run:
         self.convs: dict[tuple[str, str], _Conv] = {}
         self.by_id: dict[str, _Conv] = {}
         self.customers: dict[str, Customer] = {}
+        self.keys: dict[str, int] = {}  # customer id -> number, for customers not merged away
         self.outbox: list[OutboxItem] = []
         self.events: list[NewEvent] = []
         self.timers: list[tuple[str, dict[str, Any], str]] = []
@@ -331,6 +332,7 @@ class _Run:
             if profile is None or profile.merged_into:
                 missing.append(cid)
                 continue
+            self.keys[cid] = profile.key
             self.customers[cid] = Customer(
                 cid,
                 dict(profile.traits),  # a turn's `set` updates its copy as it goes
@@ -344,11 +346,13 @@ class _Run:
             return
         rows = await sql.fetch(
             self.conn,
-            "SELECT id, traits, consents, preferences, context, stage FROM customers "
+            "SELECT id, traits, consents, preferences, context, stage, key, merged_into FROM customers "
             f"WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}",
             (self.ws, sql.list_param(missing)),
         )
         for r in rows:
+            if r[7] is None:
+                self.keys[r[0]] = r[6]
             self.customers[r[0]] = Customer(
                 r[0], _json(r[1]), _json(r[2]), _json(r[3]), _json(r[4]), r[5], region=self.region
             )
@@ -356,7 +360,10 @@ class _Run:
     async def _history(self, customer: Customer) -> None:
         rows = await self.conn.execute(
             sa.select(events.c.type, events.c.name, events.c.timestamp, events.c.payload)
-            .where(events.c.workspace_id == self.ws, events.c.customer_id == customer.id)
+            .where(
+                events.c.workspace_id == self.ws,
+                events.c.customer_key == self.keys.get(customer.id, key_of(self.ws, customer.id)),
+            )
             .order_by(events.c.seq.desc())
             .limit(HISTORY)
         )
@@ -511,7 +518,7 @@ class _Run:
             await self.conn.execute(
                 sa.select(identities.c.kind, identities.c.value).where(
                     identities.c.workspace_id == self.ws,
-                    identities.c.customer_id == conv.customer_id,
+                    identities.c.customer_key == key_of(self.ws, conv.customer_id),
                     identities.c.kind.in_(("telegram", "anonymous_id")),
                 )
             )
@@ -699,6 +706,7 @@ class _Run:
             for ev in self.events:
                 ev.received_at = ev.received_at or now
                 ev.timestamp = ev.timestamp or now
+                ev.customer_key = self.keys.get(ev.customer_id or "")  # attributed as appended
             await append(db, conn, self.events)
 
 

@@ -39,7 +39,7 @@ from mayak.bus import LocalBus
 from mayak.channels import user_tokens
 from mayak.channels.base import MESSAGE_KIND, Button, Capabilities, ChannelRecord, OutboundMessage, fit
 from mayak.channels.events import INBOUND_NAMES, MAX_TEXT, inbound_event
-from mayak.db.schema import customers, events, identities
+from mayak.db.schema import customers, events, identities, key_of
 from mayak.delivery.outbox import DeliveryOutcome
 from mayak.errors import AuthenticationError, InvalidRequest, NotFound
 from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID
@@ -676,7 +676,7 @@ class WebChatAdapter:
                     sa.select(events.c.id, events.c.type, events.c.timestamp, events.c.payload)
                     .where(
                         events.c.workspace_id == ws_id,
-                        events.c.customer_id == customer_id,
+                        events.c.customer_key == key_of(ws_id, customer_id),
                         sa.or_(
                             sa.and_(events.c.type == "track", events.c.name.in_(sorted(INBOUND_NAMES))),
                             events.c.type == OUTBOUND_TYPE,
@@ -766,9 +766,9 @@ async def _owner(conn: AsyncConnection, ws_id: str, kind: str, value: str) -> st
     """The surviving customer holding identity (kind, value), if any."""
     row = (
         await conn.execute(
-            sa.select(identities.c.customer_id).where(
-                identities.c.workspace_id == ws_id, identities.c.kind == kind, identities.c.value == value
-            )
+            sa.select(customers.c.id)
+            .join(identities, identities.c.customer_key == customers.c.key)
+            .where(identities.c.workspace_id == ws_id, identities.c.kind == kind, identities.c.value == value)
         )
     ).first()
     if row is None:

@@ -48,11 +48,11 @@ class FastSql:
         """The placeholder of the index-th (1-based) parameter."""
         return f"${index}" if self.pg else "?"
 
-    def in_list(self, index: int) -> str:
+    def in_list(self, index: int, pg_type: str = "text") -> str:
         """``IN <list parameter>``: one parameter whatever the list's length (no statement per size)."""
-        return f"= ANY(${index}::text[])" if self.pg else "IN (SELECT value FROM json_each(?))"
+        return f"= ANY(${index}::{pg_type}[])" if self.pg else "IN (SELECT value FROM json_each(?))"
 
-    def list_param(self, values: Sequence[str]) -> Any:
+    def list_param(self, values: Sequence[str] | Sequence[int]) -> Any:
         return list(values) if self.pg else dump_json(list(values))
 
     @staticmethod

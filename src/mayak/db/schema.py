@@ -1,11 +1,15 @@
 """The relational schema (SQLAlchemy Core), shared by SQLite and PostgreSQL.
 
 Conventions: every row carries ``workspace_id``; times are integer epoch milliseconds; ids are
-prefixed ULID-style strings, except the event log's ``seq`` which is a monotonic integer.
-Tables keyed by customer (``CUSTOMER_TABLES``) take part in merge, export and erase.
+prefixed ULID-style strings, except the event log's ``seq`` and the customers' ``key``, integers.
+Tables that point at customers (``KEYED_TABLES`` by number, ``CUSTOMER_TABLES`` by public id) take
+part in merge, export and erase.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -46,25 +50,32 @@ signing_secrets = sa.Table(
     sa.Column("created_at", Ms, nullable=False),
 )
 
-# The append-only log. ``customer_id`` is the pipeline's attribution (derived; moved on merge).
+# Integer surrogate keys: customers are numbered (``customers.key``) beside their public ids, and the
+# hot tables point at customers by that number: an 8-byte integer in every index entry instead of a
+# 30-character text, and on SQLite the number is the row id, so a profile is one B-tree search away.
+# The API, payloads and exports show only public ids (a read joins ``customers`` on the key).
+Key = sa.BigInteger().with_variant(sa.Integer, "sqlite")
+
+# The append-only log. ``customer_key`` is the pipeline's attribution (derived; moved on merge);
+# ``customer_id`` is the customer a source named itself (an admin change, a bot's message, a timer),
+# kept as written, and NULL for events the pipeline attributes by their identities.
 events = sa.Table(
     "events",
     metadata,
-    sa.Column(
-        "seq", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=True
-    ),
+    sa.Column("seq", Key, primary_key=True, autoincrement=True),
     sa.Column("id", sa.String(40), nullable=False),
     sa.Column("workspace_id", sa.String(40), nullable=False),
     sa.Column("type", sa.String(40), nullable=False),
     sa.Column("name", sa.String(200)),
     sa.Column("customer_id", sa.String(40)),
+    sa.Column("customer_key", Key),
     sa.Column("timestamp", Ms, nullable=False),  # skew-corrected event time
     sa.Column("received_at", Ms, nullable=False),
     sa.Column("source", sa.String(40), nullable=False),  # api | admin | pipeline | timer | …
     sa.Column("actor", sa.String(40)),  # key id (or other actor) that caused it
     sa.Column("payload", sa.Text, nullable=False),  # the normalised event as JSON
     sa.Index("ix_events_ws_seq", "workspace_id", "seq"),
-    sa.Index("ix_events_customer", "workspace_id", "customer_id", "seq"),
+    sa.Index("ix_events_customer", "workspace_id", "customer_key", "seq"),
     sqlite_autoincrement=True,  # never reuse a number (see eventlog.reserve_seqs)
 )
 
@@ -80,7 +91,8 @@ dedup_keys = sa.Table(
 customers = sa.Table(
     "customers",
     metadata,
-    sa.Column("id", sa.String(40), primary_key=True),
+    sa.Column("key", Key, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(40), nullable=False),
     sa.Column("workspace_id", sa.String(40), nullable=False),
     sa.Column("merged_into", sa.String(40)),
     sa.Column("identified", sa.Boolean, nullable=False, default=False),  # has a user_id
@@ -95,10 +107,12 @@ customers = sa.Table(
     sa.Column("last_seen", Ms),
     sa.Column("created_at", Ms, nullable=False),
     sa.Column("updated_at", Ms, nullable=False),
-    sa.Index("ix_customers_ws_id", "workspace_id", "id"),
+    # The public id, unique (ids are global, the workspace comes first for per-workspace listing).
+    sa.Index("ix_customers_ws_id", "workspace_id", "id", unique=True),
     # No index on last_seen: every event moves it (see migration 0005).
     sa.Index("ix_customers_merged_into", "workspace_id", "merged_into"),
     postgresql_with={"fillfactor": 80},  # room on each page for heap-only (HOT) updates
+    sqlite_autoincrement=True,  # a number is never given twice, even after an erasure
 )
 
 identities = sa.Table(
@@ -107,9 +121,9 @@ identities = sa.Table(
     sa.Column("workspace_id", sa.String(40), primary_key=True),
     sa.Column("kind", sa.String(40), primary_key=True),
     sa.Column("value", sa.String(300), primary_key=True),
-    sa.Column("customer_id", sa.String(40), nullable=False),
+    sa.Column("customer_key", Key, nullable=False),
     sa.Column("created_at", Ms, nullable=False),
-    sa.Index("ix_identities_customer", "workspace_id", "customer_id"),
+    sa.Index("ix_identities_customer", "workspace_id", "customer_key"),
 )
 
 suppressions = sa.Table(
@@ -315,5 +329,23 @@ hooks = sa.Table(
     sa.Column("created_at", Ms, nullable=False),
 )
 
-# Tables with a customer_id column that move with a merge and go with an erase.
-CUSTOMER_TABLES = (events, identities, outbox, timers, conversations, link_tokens)
+# Tables that point at customers and move with a merge and go with an erase: by customer number
+# (``customer_key``), and by public id (``customer_id``).
+KEYED_TABLES = (events, identities)
+CUSTOMER_TABLES = (outbox, timers, conversations, link_tokens)
+
+
+def key_of(workspace_id: Any, customer_id: Any) -> sa.ScalarSelect[Any]:
+    """The number of the customer with this public id (a scalar subquery; NULL when none)."""
+    return (
+        sa.select(customers.c.key)
+        .where(customers.c.workspace_id == workspace_id, customers.c.id == customer_id)
+        .scalar_subquery()
+    )
+
+
+def keys_of(workspace_id: Any, customer_ids: Sequence[str]) -> sa.Select[tuple[int]]:
+    """The numbers of the customers with these public ids (for ``customer_key.in_(…)``)."""
+    return sa.select(customers.c.key).where(
+        customers.c.workspace_id == workspace_id, customers.c.id.in_(customer_ids)
+    )

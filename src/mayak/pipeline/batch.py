@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
 from mayak.db.fastsql import FastSql
-from mayak.db.schema import CUSTOMER_TABLES, customers
-from mayak.eventlog import LoggedEvent, NewEvent
+from mayak.db.schema import CUSTOMER_TABLES, KEYED_TABLES, customers
+from mayak.eventlog import RESOLVED_SOURCES, SEGMENT_TYPES, LoggedEvent, NewEvent, reserve_numbers
 from mayak.ids import derived_id
 from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, event_keys, suppression_hash
 from mayak.pipeline.profile import (
@@ -30,10 +30,6 @@ from mayak.pipeline.profile import (
     Profile,
 )
 
-SEGMENT_TYPES = frozenset({"identify", "track", "page", "screen", "group", "alias"})
-# Sources whose Segment-shaped events are attributed by the identities they carry (the others name
-# their customer). Channel events may carry only a channel identity (``context.externalIds``).
-RESOLVED_SOURCES = frozenset({"api", "telegram", "webchat", "hook"})
 IDENTITY_LINKED = "identity.linked"
 ADMIN_TYPES = frozenset(
     {"customer.traits_set", "customer.consents_set", "customer.preferences_set", "customer.stage_set"}
@@ -174,6 +170,7 @@ class ProfileBatch:
         if check_suppressions and keys:
             await self._apply_suppressions(items, keys)
         by_kind: dict[str, list[str]] = {}
+        owners: dict[Key, int] = {}  # identity -> its customer's number
         for kind, value in keys:
             by_kind.setdefault(kind, []).append(value)
         sql = self.sql
@@ -181,25 +178,29 @@ class ProfileBatch:
             # one round trip for every kind (each part the same index scan as on its own)
             kinds = list(by_kind)
             query = " UNION ALL ".join(
-                f"SELECT {i}, value, customer_id FROM identities WHERE workspace_id = $1"
+                f"SELECT {i}, value, customer_key FROM identities WHERE workspace_id = $1"
                 f" AND kind = ${2 * i + 2} AND value {sql.in_list(2 * i + 3)}"
                 for i in range(len(kinds))
             )
             params: list[Any] = [self.ws]
             for kind in kinds:
                 params += [kind, sql.list_param(by_kind[kind])]
-            for part, found_value, cid in await sql.fetch(self.conn, query, params):
-                self.idmap[(kinds[part], found_value)] = cid
+            for part, found_value, number in await sql.fetch(self.conn, query, params):
+                owners[(kinds[part], found_value)] = number
         else:
             query = (
-                f"SELECT value, customer_id FROM identities WHERE workspace_id = {sql.p(1)}"
+                f"SELECT value, customer_key FROM identities WHERE workspace_id = {sql.p(1)}"
                 f" AND kind = {sql.p(2)} AND value {sql.in_list(3)}"
             )
             for kind, values in by_kind.items():
                 result: Any = await sql.fetch(self.conn, query, (self.ws, kind, sql.list_param(values)))
-                for found_value, cid in result:
-                    self.idmap[(kind, found_value)] = cid
-        await self._load_profiles(set(self.idmap.values()) | targets)
+                for found_value, number in result:
+                    owners[(kind, found_value)] = number
+        by_key = await self._load_profiles(set(owners.values()), targets)
+        for key, number in owners.items():
+            profile = by_key.get(number)
+            if profile is not None:
+                self.idmap[key] = profile.id
         return items
 
     async def _apply_suppressions(self, items: list[_Item], keys: set[Key]) -> None:
@@ -222,22 +223,38 @@ class ProfileBatch:
                     item.dropped = True
                     break
 
-    async def _load_profiles(self, ids: set[str]) -> None:
+    async def _load_profiles(self, numbers: set[int], ids: set[str]) -> dict[int, Profile]:
+        """Load the profiles with these numbers (found through identities: one search of the
+        table by its row id) and public ids (named by events), and the survivors they were merged
+        into; returns the profiles by number."""
         sql = self.sql
         # JSON columns come back as text on both dialects (decoded lazily, only where a rule reads them)
         columns = PROFILE_TEXT_COLUMNS if sql.pg else PROFILE_COLUMNS
-        query = f"SELECT {columns} FROM customers WHERE workspace_id = {sql.p(1)} AND id {sql.in_list(2)}"
+        select = f"SELECT {columns} FROM customers WHERE workspace_id = {sql.p(1)} AND"
+        by_key: dict[int, Profile] = {}
+        rows: list[Any] = []
+        if numbers:
+            rows = await sql.fetch(
+                self.conn,
+                f"{select} key {sql.in_list(2, 'bigint')}",
+                (self.ws, sql.list_param(list(numbers))),
+            )
         pending = {cid for cid in ids if cid not in self.profiles}
-        while pending:
-            rows = await sql.fetch(self.conn, query, (self.ws, sql.list_param(list(pending))))
+        while rows or pending:
+            if pending:
+                rows += await sql.fetch(
+                    self.conn, f"{select} id {sql.in_list(2)}", (self.ws, sql.list_param(list(pending)))
+                )
             pending = set()
             for row in rows:
-                profile = Profile.from_tuple(row)
-                self.profiles[profile.id] = profile
+                profile = self.profiles.get(row[1]) or Profile.from_tuple(row)
+                self.profiles[profile.id] = by_key[profile.key] = profile
                 if profile.merged_into:
                     self.parent[profile.id] = profile.merged_into
                     if profile.merged_into not in self.profiles:
                         pending.add(profile.merged_into)
+            rows = []
+        return by_key
 
     # -- processing --------------------------------------------------------------------------
 
@@ -338,6 +355,15 @@ class ProfileBatch:
 
     # -- writing -----------------------------------------------------------------------------
 
+    async def number_new(self) -> None:
+        """Give the batch's new profiles their numbers (before ``attribute``: events and identities
+        point at customers by number)."""
+        new = [profile for profile in self.profiles.values() if profile.new and not profile.key]
+        if new:
+            numbers = await reserve_numbers(self.db, self.conn, "customers", "key", len(new))
+            for profile, number in zip(new, numbers, strict=True):
+                profile.key = number
+
     async def write_state(self) -> None:
         """Write what resolution changed: merges (moving the losers' rows), identities, profiles."""
         conn, ws = self.conn, self.ws
@@ -345,6 +371,13 @@ class ProfileBatch:
             survivor = self.find(loser)
             if self.profiles[loser].new:
                 continue
+            before, after = self.profiles[loser].key, self.profiles[survivor].key
+            for table in KEYED_TABLES:
+                await conn.execute(
+                    table.update()
+                    .where(table.c.workspace_id == ws, table.c.customer_key == before)
+                    .values(customer_key=after)
+                )
             for table in CUSTOMER_TABLES:
                 await conn.execute(
                     table.update()
@@ -358,11 +391,14 @@ class ProfileBatch:
             )
         sql = self.sql
         if self.new_keys:
-            insert = "INSERT INTO identities (workspace_id, kind, value, customer_id, created_at)"
-            identities = [(ws, k, v, self.find(cid), self.now) for (k, v), cid in self.new_keys.items()]
+            insert = "INSERT INTO identities (workspace_id, kind, value, customer_key, created_at)"
+            profiles = self.profiles
+            identities = [
+                (ws, k, v, profiles[self.find(cid)].key, self.now) for (k, v), cid in self.new_keys.items()
+            ]
             if sql.pg:
                 await sql.run_columns(
-                    conn, f"{insert} {sql.unnest(('text', 'text', 'text', 'text', 'bigint'))}", identities
+                    conn, f"{insert} {sql.unnest(('text', 'text', 'text', 'bigint', 'bigint'))}", identities
                 )
             else:
                 await sql.run_many(conn, f"{insert} VALUES ({sql.values(5)})", identities)
@@ -381,10 +417,11 @@ class ProfileBatch:
                 new_rows.append((ws, *profile.to_tuple(self.now)))
             elif profile.dirty:
                 values = profile.to_tuple(self.now)
+                # by number (the row id: one B-tree search); the public id never changes
                 if profile.merged_into != profile.stored_merged_into:
-                    moved_rows.append((*values[1:], values[0]))
+                    moved_rows.append((*values[2:], values[0]))
                 else:
-                    changed_rows.append((*values[2:], values[0]))
+                    changed_rows.append((*values[3:], values[0]))
         if new_rows:
             await sql.run_many(
                 conn,
@@ -393,10 +430,10 @@ class ProfileBatch:
                 new_rows,
             )
         names = PROFILE_COLUMNS.split(", ")
-        for rows, columns in ((moved_rows, names[1:]), (changed_rows, names[2:])):
+        for rows, columns in ((moved_rows, names[2:]), (changed_rows, names[3:])):
             if rows:
                 assignments = ", ".join(f"{name} = ?" for name in columns)
-                await sql.run_many(conn, f"UPDATE customers SET {assignments} WHERE id = ?", rows)
+                await sql.run_many(conn, f"UPDATE customers SET {assignments} WHERE key = ?", rows)
 
     async def _write_profiles_pg(self) -> None:
         """PostgreSQL: new profiles in one INSERT over column arrays, changed ones row by row; a JSON
@@ -426,23 +463,23 @@ class ProfileBatch:
             assignments = ", ".join(
                 f"{name} = coalesce(u.c{i}::jsonb, c.{name})" if i in JSON_POSITIONS else f"{name} = u.c{i}"
                 for i, name in enumerate(names)
-                if i
+                if i > 1  # not the number or the public id
             )
             rows = sql.unnest_rows(PROFILE_TYPES)
             await sql.run(self.conn, PG_JOIN_BY_KEY_ONLY)
             await sql.run_columns(
                 self.conn,
-                f"UPDATE customers AS c SET {assignments} FROM {rows} WHERE c.id = u.c0",
+                f"UPDATE customers AS c SET {assignments} FROM {rows} WHERE c.key = u.c0",
                 changed_rows,
             )
             await sql.run(self.conn, PG_JOIN_DEFAULTS)
 
-    async def store_attribution(self, updates: list[tuple[str | None, int]], dropped: list[int]) -> None:
-        """For events already in the log: record their customer, delete the suppressed ones."""
+    async def store_attribution(self, updates: list[tuple[int | None, int]], dropped: list[int]) -> None:
+        """For events already in the log: record their customer's number, delete the suppressed ones."""
         sql = self.sql
         if updates:
             await sql.run_many(
-                self.conn, f"UPDATE events SET customer_id = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
+                self.conn, f"UPDATE events SET customer_key = {sql.p(1)} WHERE seq = {sql.p(2)}", updates
             )
         if dropped:
             await sql.run_many(
@@ -451,21 +488,26 @@ class ProfileBatch:
 
     def attribute(
         self, items: list[_Item]
-    ) -> tuple[list[LoggedEvent], list[tuple[str | None, int]], list[int]]:
-        """Give every kept event its final customer; returns (kept events, changed attributions as
-        (customer, seq), seqs of dropped events)."""
-        updates: list[tuple[str | None, int]] = []
+    ) -> tuple[list[LoggedEvent], list[tuple[int | None, int]], list[int]]:
+        """Give every kept event its final customer (after ``number_new``); returns (kept events,
+        changed attributions as (customer number, seq), seqs of dropped events)."""
+        updates: list[tuple[int | None, int]] = []
         dropped: list[int] = []
         out: list[LoggedEvent] = []
+        profiles = self.profiles
         for item in items:
             ev = item.event
             if item.dropped:
                 dropped.append(ev.seq)
                 continue
-            owner = self.find(item.owner) if item.owner else None
-            if owner != ev.customer_id:
-                updates.append((owner, ev.seq))
-                ev.customer_id = owner
+            number = None
+            if item.owner:
+                ev.customer_id = owner = self.find(item.owner)
+                profile = profiles.get(owner)  # a pipeline record may name a customer since erased
+                number = profile.key if profile is not None else None
+            if number != ev.customer_key:
+                updates.append((number, ev.seq))
+                ev.customer_key = number
             out.append(ev)
         return out, updates, dropped
 
@@ -475,13 +517,17 @@ class ProfileBatch:
 PG_JOIN_BY_KEY_ONLY = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off"
 PG_JOIN_DEFAULTS = "RESET enable_hashjoin; RESET enable_mergejoin"
 
+# Events as consumers read them: the customer as its public id (the attributed customer's, else the
+# one the event named), then its number. FROM events AS e.
 EVENT_COLUMNS = (
-    "seq, id, workspace_id, type, name, customer_id, timestamp, received_at, source, actor, payload"
+    "e.seq, e.id, e.workspace_id, e.type, e.name, "
+    "coalesce((SELECT c.id FROM customers AS c WHERE c.key = e.customer_key), e.customer_id), "
+    "e.customer_key, e.timestamp, e.received_at, e.source, e.actor, e.payload"
 )
 
 
 def logged_from_tuple(row: Any) -> LoggedEvent:
-    seq, evt_id, ws_id, etype, name, customer_id, ts, received, source, actor, payload = row
+    seq, evt_id, ws_id, etype, name, customer_id, key, ts, received, source, actor, payload = row
     return LoggedEvent(
-        seq, evt_id, ws_id, etype, name, customer_id, ts, received, source, actor, orjson.loads(payload)
+        seq, evt_id, ws_id, etype, name, customer_id, ts, received, source, actor, orjson.loads(payload), key
     )

@@ -17,20 +17,30 @@ from sqlalchemy.engine import Connection
 from mayak.db.database import Database
 from mayak.db.schema import (
     CUSTOMER_TABLES,
+    KEYED_TABLES,
     consumer_cursors,
     conversations,
     customers,
     events,
     identities,
+    key_of,
+    keys_of,
     outbox,
     suppressions,
     timers,
 )
 from mayak.errors import EventRejected, InvalidRequest, NotFound
-from mayak.eventlog import NewEvent, append, event_json, last_seq
+from mayak.eventlog import (
+    RESOLVED_SOURCES,
+    SEGMENT_TYPES,
+    NewEvent,
+    append,
+    event_json,
+    event_rows,
+    last_seq,
+)
 from mayak.ingest.segment import depth_ok, nul_path, validate_consents, validate_preferences
 from mayak.ingest.writer import IngestWriter
-from mayak.pipeline.batch import RESOLVED_SOURCES
 from mayak.pipeline.identity import normalise, normalise_kind, suppression_hash
 from mayak.pipeline.processor import CONSUMER, Pipeline
 from mayak.pipeline.profile import CONTEXT_STAMP
@@ -205,7 +215,7 @@ class CustomerService:
             query = query.where(
                 sa.exists().where(
                     identities.c.workspace_id == ws_id,
-                    identities.c.customer_id == customers.c.id,
+                    identities.c.customer_key == customers.c.key,
                     identities.c.kind == identity_kind,
                 )
             )
@@ -215,19 +225,19 @@ class CustomerService:
         async with self.db.read() as conn:
             rows = (await conn.execute(query)).all()
             page = rows[:limit]
-            ids = [r.id for r in page]
-            idents: dict[str, list[Any]] = {i: [] for i in ids}
-            if ids:
+            numbers = [r.key for r in page]
+            idents: dict[int, list[Any]] = {n: [] for n in numbers}
+            if numbers:
                 for ident in await conn.execute(
                     sa.select(
-                        identities.c.customer_id,
+                        identities.c.customer_key,
                         identities.c.kind,
                         identities.c.value,
                         identities.c.created_at,
-                    ).where(identities.c.workspace_id == ws_id, identities.c.customer_id.in_(ids))
+                    ).where(identities.c.workspace_id == ws_id, identities.c.customer_key.in_(numbers))
                 ):
-                    idents[ident.customer_id].append(ident)
-        items = [self._view(r, idents[r.id], []) for r in page]
+                    idents[ident.customer_key].append(ident)
+        items = [self._view(r, idents[r.key], []) for r in page]
         for item in items:
             del item["merged_ids"]
         return {"items": items, "next_cursor": encode_cursor(page[-1].id) if len(rows) > limit else None}
@@ -246,7 +256,7 @@ class CustomerService:
     ) -> dict[str, Any]:
         limit = check_limit(limit)
         survivor = await self.resolve(ws_id, customer_id)
-        query = sa.select(events).where(events.c.workspace_id == ws_id, events.c.customer_id == survivor)
+        query = event_rows(events.c.workspace_id == ws_id, events.c.customer_key == key_of(ws_id, survivor))
         if type is not None:
             query = query.where(events.c.type == type)
         if name is not None:
@@ -328,9 +338,9 @@ class CustomerService:
         async with self.db.read() as conn:
             evs = (
                 await conn.execute(
-                    sa.select(events)
-                    .where(events.c.workspace_id == ws_id, events.c.customer_id.in_(ids))
-                    .order_by(events.c.seq)
+                    event_rows(
+                        events.c.workspace_id == ws_id, events.c.customer_key.in_(keys_of(ws_id, ids))
+                    ).order_by(events.c.seq)
                 )
             ).all()
             out = (
@@ -414,10 +424,11 @@ class CustomerService:
                     )
                 )
             ]
+            numbers = [r[0] for r in await conn.execute(keys_of(ws_id, ids))]
             keys = (
                 await conn.execute(
                     sa.select(identities.c.kind, identities.c.value).where(
-                        identities.c.workspace_id == ws_id, identities.c.customer_id.in_(ids)
+                        identities.c.workspace_id == ws_id, identities.c.customer_key.in_(numbers)
                     )
                 )
             ).all()
@@ -430,6 +441,11 @@ class CustomerService:
                     ],
                 )
             counts: dict[str, int] = {}
+            for table in KEYED_TABLES:
+                res = await conn.execute(
+                    table.delete().where(table.c.workspace_id == ws_id, table.c.customer_key.in_(numbers))
+                )
+                counts[table.name] = int(res.rowcount or 0)
             for table in CUSTOMER_TABLES:
                 res = await conn.execute(
                     table.delete().where(table.c.workspace_id == ws_id, table.c.customer_id.in_(ids))
@@ -473,9 +489,18 @@ class CustomerService:
             await conn.execute(
                 events.delete().where(events.c.workspace_id == ws_id, events.c.source == "pipeline")
             )
+            # Attributions go; the customer an event named stays (a profile is rebuilt under its
+            # old public id, which derives from the event that created it).
             await conn.execute(
+                events.update().where(events.c.workspace_id == ws_id).values(customer_key=None)
+            )
+            await conn.execute(  # an earlier version kept these too: resolved again, by identities
                 events.update()
-                .where(events.c.workspace_id == ws_id, events.c.source.in_(RESOLVED_SOURCES))
+                .where(
+                    events.c.workspace_id == ws_id,
+                    events.c.type.in_(SEGMENT_TYPES),
+                    events.c.source.in_(RESOLVED_SOURCES),
+                )
                 .values(customer_id=None)
             )
             await conn.execute(identities.delete().where(identities.c.workspace_id == ws_id))
@@ -499,10 +524,14 @@ class CustomerService:
 
 _WS: sa.BindParameter[str] = sa.bindparam("ws")
 _ID: sa.BindParameter[str] = sa.bindparam("id")
-_OWNER_OF = sa.select(identities.c.customer_id).where(
-    identities.c.workspace_id == _WS,
-    identities.c.kind == sa.bindparam("kind"),
-    identities.c.value == sa.bindparam("value"),
+_OWNER_OF = (
+    sa.select(customers.c.id)
+    .join(identities, identities.c.customer_key == customers.c.key)
+    .where(
+        identities.c.workspace_id == _WS,
+        identities.c.kind == sa.bindparam("kind"),
+        identities.c.value == sa.bindparam("value"),
+    )
 )
 _MERGED_INTO = sa.select(customers.c.merged_into).where(
     customers.c.workspace_id == _WS, customers.c.id == _ID
@@ -511,7 +540,7 @@ _CUSTOMER = sa.select(customers).where(customers.c.workspace_id == _WS, customer
 # No ORDER BY: sorting in SQL makes SQLite walk the primary key (already in that order) across the
 # whole workspace instead of using the by-customer index; _view sorts.
 _IDENTITIES_OF = sa.select(identities.c.kind, identities.c.value, identities.c.created_at).where(
-    identities.c.workspace_id == _WS, identities.c.customer_id == _ID
+    identities.c.workspace_id == _WS, identities.c.customer_key == key_of(_WS, _ID)
 )
 _MERGED_FROM = sa.select(customers.c.id).where(
     customers.c.workspace_id == _WS, customers.c.merged_into == _ID

@@ -177,8 +177,8 @@ class Pipeline:
         sql = self.sql
         return await sql.fetch(
             conn,
-            f"SELECT {EVENT_COLUMNS} FROM events "
-            f"WHERE workspace_id = {sql.p(1)} AND seq > {sql.p(2)} ORDER BY seq LIMIT {sql.p(3)}",
+            f"SELECT {EVENT_COLUMNS} FROM events AS e "
+            f"WHERE e.workspace_id = {sql.p(1)} AND e.seq > {sql.p(2)} ORDER BY e.seq LIMIT {sql.p(3)}",
             (ws_id, position, self.batch_size),
         )
 
@@ -188,6 +188,7 @@ class Pipeline:
         """Process events already in the log; returns (new position, events derived)."""
         logged = [logged_from_tuple(r) for r in rows]
         batch, items = await self._resolve(conn, ws_id, logged)
+        await batch.number_new()
         routed, updates, dropped = batch.attribute(items)
         await batch.write_state()
         await batch.store_attribution(updates, dropped)
@@ -237,10 +238,12 @@ class Pipeline:
                 ev.source,
                 ev.actor,
                 ev.payload,
+                ev.customer_key,
             )
             for ev, seq in zip(kept, seqs, strict=True)
         ]
         batch, items = await self._resolve(conn, ws_id, logged)
+        await batch.number_new()
         routed, _, _ = batch.attribute(items)  # suppressed events are simply not stored
         if routed:
             await eventlog.insert(self.db, conn, routed, [ev.seq for ev in routed])
@@ -454,4 +457,4 @@ class Pipeline:
 
 
 def _profile_free(ev: LoggedEvent) -> bool:
-    return ev.type in PROFILE_FREE and ev.customer_id is not None
+    return ev.type in PROFILE_FREE and ev.customer_key is not None

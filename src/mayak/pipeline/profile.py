@@ -15,15 +15,15 @@ from mayak.timeutil import ms_to_rfc3339
 
 RESERVED_TRAITS = ("consents", "preferences")
 PROFILE_COLUMNS = (
-    "id, merged_into, identified, traits, trait_times, context, consents, preferences, stage, stage_at, "
+    "key, id, merged_into, identified, traits, trait_times, context, consents, preferences, stage, stage_at, "
     "first_seen, last_seen, created_at, updated_at"
 )
-JSON_POSITIONS = (3, 4, 5, 6, 7)  # 0-based positions of JSON columns in PROFILE_COLUMNS
+JSON_POSITIONS = (4, 5, 6, 7, 8)  # 0-based positions of JSON columns in PROFILE_COLUMNS
 # PostgreSQL: the column types of PROFILE_COLUMNS (for column-array writes) and the columns with
 # JSON read as text (asyncpg would otherwise decode every JSONB value at once).
 PROFILE_TYPES = (
-    "text", "text", "boolean", "jsonb", "jsonb", "jsonb", "jsonb", "jsonb", "text", "bigint", "bigint",
-    "bigint", "bigint", "bigint",
+    "bigint", "text", "text", "boolean", "jsonb", "jsonb", "jsonb", "jsonb", "jsonb", "text", "bigint",
+    "bigint", "bigint", "bigint", "bigint",
 )  # fmt: skip
 PROFILE_TEXT_COLUMNS = ", ".join(
     f"{name}::text" if i in JSON_POSITIONS else name for i, name in enumerate(PROFILE_COLUMNS.split(", "))
@@ -46,6 +46,7 @@ class Profile:
         "first_seen",
         "id",
         "identified",
+        "key",
         "last_seen",
         "merged_into",
         "new",
@@ -68,8 +69,10 @@ class Profile:
         merged_into: str | None = None,
         new: bool = False,
         dirty: bool = False,
+        key: int = 0,
     ):
         self.id = id
+        self.key = key  # the customer's number (customers.key); 0 until a new profile is given one
         self.created_at = created_at
         self.identified = identified
         # Stored text of traits, times, context, consents, preferences (None once decoded).
@@ -250,15 +253,16 @@ class Profile:
     def from_tuple(cls, row: Any) -> Profile:
         """From a driver-level row in PROFILE_COLUMNS order; JSON stays text until used."""
         return cls(
-            row[0],
-            row[12],
-            merged_into=row[1],
-            identified=bool(row[2]),
-            text=[row[3], row[4], row[5], row[6], row[7]],
-            stage=row[8],
-            stage_at=row[9],
-            first_seen=row[10],
-            last_seen=row[11],
+            row[1],
+            row[13],
+            key=row[0],
+            merged_into=row[2],
+            identified=bool(row[3]),
+            text=[row[4], row[5], row[6], row[7], row[8]],
+            stage=row[9],
+            stage_at=row[10],
+            first_seen=row[11],
+            last_seen=row[12],
         )
 
     def to_tuple(self, now: int, *, untouched_as_null: bool = False) -> tuple[Any, ...]:
@@ -272,6 +276,7 @@ class Profile:
                 for i, value in enumerate(self._json)
             ]
         return (
+            self.key,
             self.id,
             self.merged_into,
             self.identified,
