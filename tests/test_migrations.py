@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -52,18 +55,91 @@ def _stable(value: Any) -> Any:
     return value
 
 
-@pytest.mark.parametrize("fixture", sorted(p.stem for p in FIXTURES.glob("*.db")))
+FIXTURE_NAMES = sorted(p.stem for p in FIXTURES.glob("*.db"))
+
+
+@pytest.mark.parametrize("fixture", FIXTURE_NAMES)
 async def test_a_database_from_an_earlier_revision_answers_the_same_after_upgrade(
     fixture: str, tmp_path: Any
 ) -> None:
     """A SQLite file written through the API by an earlier revision (tests/migration_fixture.py)
     is upgraded to head; every recorded read answers as it did, and the data goes on working:
     a known person's next event reaches their profile, an erased person's is dropped."""
-    record = orjson.loads((FIXTURES / f"{fixture}.json").read_bytes())
     path = tmp_path / "old.db"
     shutil.copy(FIXTURES / f"{fixture}.db", path)
     url = f"sqlite+aiosqlite:///{path}"
     await upgrade_async(url)
+    await _answers_as_recorded(fixture, url)
+
+
+@pytest.mark.parametrize("fixture", FIXTURE_NAMES)
+async def test_postgresql_data_from_an_earlier_revision_answers_the_same_after_upgrade(
+    fixture: str, tmp_path: Any
+) -> None:
+    """The same on PostgreSQL: a schema migrated to the fixture's revision is filled with the
+    fixture's rows, upgraded to head, and answers every recorded read as the earlier revision did."""
+    url = await asyncio.to_thread(_url, "postgresql", tmp_path)
+    await upgrade_async(url, fixture)
+    await _copy_rows(FIXTURES / f"{fixture}.db", url)
+    await upgrade_async(url)
+    await _answers_as_recorded(fixture, url)
+
+
+async def _copy_rows(source: Path, url: str) -> None:
+    """Every row of a SQLite fixture into the same tables on PostgreSQL (same revision), with the
+    sequences moved past the copied numbers."""
+    from mayak.db.database import Database
+
+    with contextlib.closing(sqlite3.connect(source)) as lite:
+        names = [
+            r[0]
+            for r in lite.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if not r[0].startswith("sqlite_") and r[0] != "alembic_version"
+        ]
+        rows = {name: lite.execute(f"SELECT * FROM {name}") for name in names}
+        data = {name: ([d[0] for d in cur.description], cur.fetchall()) for name, cur in rows.items()}
+    db = Database(url)
+    try:
+        async with db.engine.begin() as conn:
+            tables = await conn.run_sync(lambda sync: _reflect(sync, names))
+            for name, (columns, values) in data.items():
+                table = tables[name]
+                if not values:
+                    continue
+                await conn.execute(
+                    table.insert(), [_pg_row(table, dict(zip(columns, row, strict=True))) for row in values]
+                )
+            for table, column in (("events", "seq"),):
+                await conn.execute(
+                    sa.text(
+                        f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), "
+                        f"(SELECT max({column}) FROM {table}))"
+                    )
+                )
+    finally:
+        await db.dispose()
+
+
+def _reflect(conn: Any, names: list[str]) -> dict[str, sa.Table]:
+    meta = sa.MetaData()
+    meta.reflect(conn, only=names)
+    return dict(meta.tables)
+
+
+def _pg_row(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        kind = table.c[name].type
+        if value is not None and isinstance(kind, sa.JSON):  # JSONB reflects as a JSON subtype
+            value = orjson.loads(value)
+        elif value is not None and isinstance(kind, sa.Boolean):
+            value = bool(value)
+        out[name] = value
+    return out
+
+
+async def _answers_as_recorded(fixture: str, url: str) -> None:
+    record = orjson.loads((FIXTURES / f"{fixture}.json").read_bytes())
     mayak, client = await start_client(url)
     try:
         found = await answers(client, record["keys"]["secret"], list(record["answers"]))

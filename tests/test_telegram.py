@@ -522,6 +522,11 @@ async def test_a_deep_link_gives_the_chat_to_a_known_customer(telegram: Telegram
     last = (await telegram.logged("Message Received"))[-1]["payload"]["properties"]
     assert last["link"] == "refused" and last["text"] == f"/start {token}"
 
+    # a replay rebuilds the same profiles: the link event named its customer, and that is kept
+    await telegram.mayak.customers.replay(telegram.ws["id"])
+    owner = await telegram.customer("telegram:555")
+    assert owner["id"] == known["id"] and owner["merged_ids"] == [anonymous["id"]]
+
 
 async def test_expired_and_unknown_start_parameters(telegram: Telegram) -> None:
     from mayak.channels import link_tokens

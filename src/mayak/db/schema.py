@@ -75,7 +75,8 @@ events = sa.Table(
     sa.Column("actor", sa.String(40)),  # key id (or other actor) that caused it
     sa.Column("payload", sa.Text, nullable=False),  # the normalised event as JSON
     sa.Index("ix_events_ws_seq", "workspace_id", "seq"),
-    sa.Index("ix_events_customer", "workspace_id", "customer_key", "seq"),
+    # Without the workspace: a customer's number is unique across workspaces (queries still name it).
+    sa.Index("ix_events_customer", "customer_key", "seq"),
     sqlite_autoincrement=True,  # never reuse a number (see eventlog.reserve_seqs)
 )
 
@@ -110,7 +111,14 @@ customers = sa.Table(
     # The public id, unique (ids are global, the workspace comes first for per-workspace listing).
     sa.Index("ix_customers_ws_id", "workspace_id", "id", unique=True),
     # No index on last_seen: every event moves it (see migration 0005).
-    sa.Index("ix_customers_merged_into", "workspace_id", "merged_into"),
+    # Only the merged-away: a new customer adds no entry (queries ask ``merged_into = …``).
+    sa.Index(
+        "ix_customers_merged_into",
+        "workspace_id",
+        "merged_into",
+        sqlite_where=sa.text("merged_into IS NOT NULL"),
+        postgresql_where=sa.text("merged_into IS NOT NULL"),
+    ),
     postgresql_with={"fillfactor": 80},  # room on each page for heap-only (HOT) updates
     sqlite_autoincrement=True,  # a number is never given twice, even after an erasure
 )
@@ -123,7 +131,7 @@ identities = sa.Table(
     sa.Column("value", sa.String(300), primary_key=True),
     sa.Column("customer_key", Key, nullable=False),
     sa.Column("created_at", Ms, nullable=False),
-    sa.Index("ix_identities_customer", "workspace_id", "customer_key"),
+    sa.Index("ix_identities_customer", "customer_key"),
 )
 
 suppressions = sa.Table(

@@ -5,9 +5,11 @@ customers table, keyed by that text, was a row-id table plus a separate index on
 profile read and update searched two B-trees. Customers now have ``key``, an integer (on SQLite the
 row id), beside their public id (unique with the workspace); ``events.customer_key`` is the
 pipeline's attribution (indexed instead of ``customer_id``) and ``identities.customer_key``
-replaces ``identities.customer_id``. ``events.customer_id`` stays for events that name their
-customer themselves (admin changes, a bot's records, timers) and is cleared for those the pipeline
-resolves by their identities. Existing customers keep their row ids as numbers (SQLite).
+replaces ``identities.customer_id``; both are indexed by number alone (a number belongs to one
+workspace). ``ix_customers_merged_into`` holds only merged-away customers. ``events.customer_id``
+stays for events that name their customer themselves (admin changes, a bot's records, timers) and
+is cleared for those the pipeline resolves by their identities. Existing customers keep their row
+ids as numbers (SQLite).
 
 Revision ID: 0006
 Revises: 0005
@@ -31,6 +33,7 @@ RESOLVED = (
     "type IN ('identify', 'track', 'page', 'screen', 'group', 'alias') "
     "AND source IN ('api', 'telegram', 'webchat', 'hook')"
 )
+MERGED = "merged_into IS NOT NULL"  # the only rows ix_customers_merged_into holds now
 PROFILE = (
     "workspace_id, merged_into, identified, traits, trait_times, context, consents, preferences, stage, "
     "stage_at, first_seen, last_seen, created_at, updated_at"
@@ -50,6 +53,10 @@ def _upgrade_postgresql() -> None:
     op.execute("ALTER TABLE customers ADD PRIMARY KEY (key)")
     op.execute("DROP INDEX ix_customers_ws_id")
     op.execute("CREATE UNIQUE INDEX ix_customers_ws_id ON customers (workspace_id, id)")
+    op.execute("DROP INDEX ix_customers_merged_into")
+    op.execute(
+        f"CREATE INDEX ix_customers_merged_into ON customers (workspace_id, merged_into) WHERE {MERGED}"
+    )
 
     op.execute("ALTER TABLE events ADD COLUMN customer_key BIGINT")
     op.execute(
@@ -58,7 +65,7 @@ def _upgrade_postgresql() -> None:
     )
     op.execute(f"UPDATE events SET customer_id = NULL WHERE customer_id IS NOT NULL AND {RESOLVED}")
     op.execute("DROP INDEX ix_events_customer")
-    op.execute("CREATE INDEX ix_events_customer ON events (workspace_id, customer_key, seq)")
+    op.execute("CREATE INDEX ix_events_customer ON events (customer_key, seq)")
 
     op.execute("ALTER TABLE identities ADD COLUMN customer_key BIGINT")
     op.execute(
@@ -69,7 +76,7 @@ def _upgrade_postgresql() -> None:
     op.execute("ALTER TABLE identities ALTER COLUMN customer_key SET NOT NULL")
     op.execute("DROP INDEX ix_identities_customer")
     op.execute("ALTER TABLE identities DROP COLUMN customer_id")
-    op.execute("CREATE INDEX ix_identities_customer ON identities (workspace_id, customer_key)")
+    op.execute("CREATE INDEX ix_identities_customer ON identities (customer_key)")
 
 
 def _customers_table(name: str, numbered: bool) -> None:
@@ -114,9 +121,14 @@ def _identities_table(name: str, numbered: bool) -> None:
     )
 
 
-def _customer_indexes(unique: bool) -> None:
-    op.create_index("ix_customers_ws_id", "customers", ["workspace_id", "id"], unique=unique)
-    op.create_index("ix_customers_merged_into", "customers", ["workspace_id", "merged_into"])
+def _customer_indexes(numbered: bool) -> None:
+    op.create_index("ix_customers_ws_id", "customers", ["workspace_id", "id"], unique=numbered)
+    op.create_index(
+        "ix_customers_merged_into",
+        "customers",
+        ["workspace_id", "merged_into"],
+        sqlite_where=sa.text(MERGED) if numbered else None,
+    )
 
 
 def _upgrade_sqlite() -> None:
@@ -128,7 +140,7 @@ def _upgrade_sqlite() -> None:
     )
     op.drop_table("customers")
     op.rename_table("customers_numbered", "customers")
-    _customer_indexes(unique=True)
+    _customer_indexes(numbered=True)
 
     op.execute("ALTER TABLE events ADD COLUMN customer_key INTEGER")
     op.execute(
@@ -138,7 +150,7 @@ def _upgrade_sqlite() -> None:
     )
     op.execute(f"UPDATE events SET customer_id = NULL WHERE customer_id IS NOT NULL AND {RESOLVED}")
     op.drop_index("ix_events_customer", table_name="events")
-    op.create_index("ix_events_customer", "events", ["workspace_id", "customer_key", "seq"])
+    op.create_index("ix_events_customer", "events", ["customer_key", "seq"])
 
     _identities_table("identities_numbered", numbered=True)
     op.execute(
@@ -148,7 +160,7 @@ def _upgrade_sqlite() -> None:
     )
     op.drop_table("identities")
     op.rename_table("identities_numbered", "identities")
-    op.create_index("ix_identities_customer", "identities", ["workspace_id", "customer_key"])
+    op.create_index("ix_identities_customer", "identities", ["customer_key"])
 
 
 def downgrade() -> None:
@@ -174,6 +186,8 @@ def downgrade() -> None:
         op.execute("ALTER TABLE customers DROP COLUMN key")
         op.execute("ALTER TABLE customers ADD PRIMARY KEY (id)")
         op.execute("CREATE INDEX ix_customers_ws_id ON customers (workspace_id, id)")
+        op.execute("DROP INDEX ix_customers_merged_into")
+        op.execute("CREATE INDEX ix_customers_merged_into ON customers (workspace_id, merged_into)")
         return
     op.execute("ALTER TABLE events DROP COLUMN customer_key")
     _identities_table("identities_by_id", numbered=False)
@@ -191,4 +205,4 @@ def downgrade() -> None:
     )
     op.drop_table("customers")
     op.rename_table("customers_by_id", "customers")
-    _customer_indexes(unique=False)
+    _customer_indexes(numbered=False)
