@@ -1,15 +1,17 @@
-"""What the width of the workspace key costs SQLite's hot writes (a synthetic experiment).
+"""What the width of the workspace and customer keys costs SQLite's hot writes (a synthetic experiment).
 
-Builds two SQLite files shaped like the tables ingestion reads and writes for every event (events
-and their two indexes, dedup keys, identities, customers: the same keys and indexes as Mayak's,
-fewer columns), one with the workspace id as stored today (a 29-character text id in every row
-and index entry) and one with a small integer in its place. Each holds 100,000 customers with two
-identities each and is filled with ``--rows`` events and dedup keys; then groups of ``--group``
-events are written the way the ingest writer does, one transaction per group: the dedup keys,
-each event's customer resolved (user id looked up, row read) and updated, the events. Prints, for
-each layout: the statements' time per event (the writer's thread), the COMMIT's time per event (the
-committer's thread), write-ahead-log frames per event and the file's size. The layouts run
-alternately, ``--rounds`` times.
+Builds SQLite files shaped like the tables ingestion reads and writes for every event (events and
+their two indexes, dedup keys, identities, customers: the same keys and indexes as Mayak's before
+schema revision 0006, fewer columns), in up to five layouts: 1 the workspace and customer ids as
+text (29 and 30 characters, in every row and index entry); 2 a small integer for the workspace;
+3 integers for both (customers keyed by their row id); 4 text workspace ids and integer customer
+keys (close to revision 0006); 5 text ids with the dedup keys and identities ``WITHOUT ROWID``.
+Each holds 100,000 customers with two identities each and is filled with ``--rows`` events and
+dedup keys; then groups of ``--group`` events are written the way the ingest writer does, one
+transaction per group: the dedup keys, each event's customer resolved (user id looked up, row read)
+and updated, the events. Prints, for each layout: the statements' time per event (the writer's
+thread), the COMMIT's time per event (the committer's thread), write-ahead-log frames per event and
+the file's size. The layouts run alternately, ``--rounds`` times; ``--layouts 1,4`` picks some.
 
     python bench/schema_width.py --rows 1000000 --rounds 2
 """
