@@ -132,6 +132,9 @@ identities = sa.Table(
     sa.Column("customer_key", Key, nullable=False),
     sa.Column("created_at", Ms, nullable=False),
     sa.Index("ix_identities_customer", "customer_key"),
+    # SQLite: rows live in the primary key's B-tree, so a lookup by (workspace, kind, value) finds
+    # the owner in one search (a row-id table needs its key index, then the table).
+    sqlite_with_rowid=False,
 )
 
 suppressions = sa.Table(

@@ -118,6 +118,7 @@ def _identities_table(name: str, numbered: bool) -> None:
         else sa.Column("customer_id", sa.String(length=40), nullable=False),
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("workspace_id", "kind", "value"),
+        sqlite_with_rowid=not numbered,
     )
 
 
