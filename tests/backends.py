@@ -22,9 +22,11 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from mayak.db.database import Database
+from mayak.db.schema import workspaces
 
 POSTGRES_URL_ENV = "MAYAK_TEST_POSTGRES_URL"
 BACKENDS = ("sqlite", "postgresql")
+BARE_WORKSPACES = ("ws_1", "ws_2")
 
 
 def postgres_url() -> str:
@@ -70,7 +72,9 @@ async def drop_postgres_database(name: str) -> None:
 
 @pytest.fixture(params=BACKENDS)
 async def backend_db(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIterator[Database]:
-    """An empty database with the schema created, disposed (and dropped, on PostgreSQL) afterwards."""
+    """A database with the schema created and two bare workspaces, ``ws_1`` and ``ws_2`` (rows
+    only: no keys or settings, for tests that write rows of their own), disposed (and dropped, on
+    PostgreSQL) afterwards."""
     pg_name: str | None = None
     if request.param == "sqlite":
         db = Database(f"sqlite+aiosqlite:///{tmp_path}/t.db")
@@ -79,6 +83,14 @@ async def backend_db(request: pytest.FixtureRequest, tmp_path: Any) -> AsyncIter
         db = Database(url, pool_size=5)
     try:
         await db.create_all()
+        async with db.write() as conn:
+            await conn.execute(
+                workspaces.insert(),
+                [
+                    {"id": ws_id, "name": ws_id, "settings": {}, "created_at": 0, "number": number}
+                    for number, ws_id in enumerate(BARE_WORKSPACES, start=1)
+                ],
+            )
         yield db
     finally:
         await db.dispose()

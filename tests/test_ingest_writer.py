@@ -245,7 +245,10 @@ async def test_a_group_held_up_holds_up_the_next_and_the_log_keeps_their_order(
     async with mayak.db.engine.connect() as other:
         blocker = await other.begin()
         await other.execute(
-            sa.text("INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES (:w, 'mid:first', :t)"),
+            sa.text(
+                "INSERT INTO dedup_keys (workspace_number, key, seen_at) "
+                "SELECT number, 'mid:first', :t FROM workspaces WHERE id = :w"
+            ),
             {"w": ws_id, "t": now_ms()},
         )
         first = asyncio.create_task(mayak.writer.submit([event(ws_id, "first", "first")]))

@@ -474,22 +474,22 @@ async def test_driver_level_statements_share_the_write_transaction(backend_db: D
     db = backend_db
     sql = FastSql(db.dialect)
     insert = (
-        f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.p(1)}, {sql.p(2)}, {sql.p(3)})"
+        f"INSERT INTO dedup_keys (workspace_number, key, seen_at) VALUES ({sql.p(1)}, {sql.p(2)}, {sql.p(3)})"
     )
     with pytest.raises(RuntimeError):
         async with db.write() as conn:
-            await sql.run(conn, insert, ("ws_1", "a", 1))
-            await sql.run_many(conn, insert, [("ws_1", "b", 1), ("ws_1", "c", 1)])
+            await sql.run(conn, insert, (1, "a", 1))
+            await sql.run_many(conn, insert, [(1, "b", 1), (1, "c", 1)])
             assert len(await sql.fetch(conn, "SELECT key FROM dedup_keys")) == 3  # seen inside
             raise RuntimeError("roll back")
     async with db.write() as conn:
         assert await sql.fetch(conn, "SELECT key FROM dedup_keys") == []  # rolled back
-        await sql.run(conn, insert, ("ws_1", "a", 1))
+        await sql.run(conn, insert, (1, "a", 1))
     with pytest.raises(StorageError):
         async with db.write() as conn:
             with pytest.raises(sa.exc.IntegrityError):  # the same exception as through SQLAlchemy
-                await sql.run(conn, insert, ("ws_1", "a", 2))
-            await sql.run(conn, insert, ("ws_1", "a", 3))  # and write() maps it as it always did
+                await sql.run(conn, insert, (1, "a", 2))
+            await sql.run(conn, insert, (1, "a", 3))  # and write() maps it as it always did
     async with db.read() as conn:
         rows = await sql.fetch(conn, "SELECT key, seen_at FROM dedup_keys")
     assert [tuple(r) for r in rows] == [("a", 1)]

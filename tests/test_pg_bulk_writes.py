@@ -71,8 +71,8 @@ async def test_storage_errors_are_sqlalchemy_errors(mayak: Mayak, ws) -> None:
     sql = FastSql(mayak.db.dialect)
     with pytest.raises(StorageError) as caught:
         async with mayak.db.write() as conn:
-            row = (ws["id"], "k1", 1)
-            insert = f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.values(3)})"
+            row = (await mayak.db.workspace_number(conn, ws["id"]), "k1", 1)
+            insert = f"INSERT INTO dedup_keys (workspace_number, key, seen_at) VALUES ({sql.values(3)})"
             await sql.run_many(conn, insert, [row, row])
     assert isinstance(caught.value.__cause__, IntegrityError)
 

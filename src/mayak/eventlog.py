@@ -118,19 +118,20 @@ async def deduplicate(
             locked()
             locked = None
         if sql.pg:
-            keep.extend(await _deduplicate_pg(sql, conn, batch, ws_id, idxs, now, cutoff, result))
+            keep.extend(await _deduplicate_pg(db, sql, conn, batch, ws_id, idxs, now, cutoff, result))
             continue
         keys = list({k for i in idxs if (k := batch[i].dedup_key) is not None})
         seen: set[str] = set()
+        number = await db.workspace_number(conn, ws_id) if keys else 0
         if keys:
             found = await sql.fetch(
                 conn,
-                f"SELECT key FROM dedup_keys WHERE workspace_id = {sql.p(1)} AND key {sql.in_list(2)} "
+                f"SELECT key FROM dedup_keys WHERE workspace_number = {sql.p(1)} AND key {sql.in_list(2)} "
                 f"AND seen_at >= {sql.p(3)}",
-                (ws_id, sql.list_param(keys), cutoff),
+                (number, sql.list_param(keys), cutoff),
             )
             seen.update(r[0] for r in found)
-        fresh_keys: list[tuple[str, str, int]] = []
+        fresh_keys: list[tuple[int, str, int]] = []
         for i in idxs:
             key = batch[i].dedup_key
             if key is not None:
@@ -138,14 +139,14 @@ async def deduplicate(
                     result.duplicate_flags[i] = True
                     continue
                 seen.add(key)
-                fresh_keys.append((ws_id, key, now))
+                fresh_keys.append((number, key, now))
             keep.append(i)
         if fresh_keys:
             await sql.run_many(
                 conn,
-                f"INSERT INTO dedup_keys (workspace_id, key, seen_at) VALUES ({sql.values(3)}) "
+                f"INSERT INTO dedup_keys (workspace_number, key, seen_at) VALUES ({sql.values(3)}) "
                 # a key seen before the window starts counts again from now
-                "ON CONFLICT (workspace_id, key) DO UPDATE SET seen_at = excluded.seen_at",
+                "ON CONFLICT (workspace_number, key) DO UPDATE SET seen_at = excluded.seen_at",
                 fresh_keys,
             )
     result.duplicates = len(batch) - len(keep)
@@ -159,6 +160,7 @@ async def deduplicate(
 
 
 async def _deduplicate_pg(
+    db: Database,
     sql: FastSql,
     conn: AsyncConnection,
     batch: Sequence[NewEvent],
@@ -185,11 +187,11 @@ async def _deduplicate_pg(
     if first:
         rows = await sql.fetch(
             conn,
-            "INSERT INTO dedup_keys (workspace_id, key, seen_at) "
+            "INSERT INTO dedup_keys (workspace_number, key, seen_at) "
             "SELECT $1, k, $3 FROM unnest($2::text[]) AS k "
-            "ON CONFLICT (workspace_id, key) DO UPDATE SET seen_at = excluded.seen_at "
+            "ON CONFLICT (workspace_number, key) DO UPDATE SET seen_at = excluded.seen_at "
             "WHERE dedup_keys.seen_at < $4 RETURNING key",
-            (ws_id, list(first), now, cutoff),
+            (await db.workspace_number(conn, ws_id), list(first), now, cutoff),
         )
         fresh = {r[0] for r in rows}
     kept: list[int] = []

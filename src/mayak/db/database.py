@@ -32,7 +32,7 @@ from sqlalchemy.pool import StaticPool
 
 from mayak.db.checkpoint import Checkpointer
 from mayak.db.schema import metadata
-from mayak.errors import StorageError
+from mayak.errors import NotFound, StorageError
 
 T = TypeVar("T")
 log = structlog.get_logger("mayak.db")
@@ -64,6 +64,7 @@ class Database:
         inline_writes: bool = True,
     ):
         self.url = normalise_url(url)
+        self._workspace_numbers: dict[str, int] = {}  # they never change
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         self.memory = self.dialect == "sqlite" and (":memory:" in self.url or self.url.endswith("///"))
         kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": orjson.loads}
@@ -310,6 +311,22 @@ class Database:
             conn, "fetch", "SELECT pg_try_advisory_xact_lock($1)", (_lock_key(workspace_id, purpose),)
         )
         return bool(rows[0][0])
+
+    async def workspace_number(self, conn: AsyncConnection, workspace_id: str) -> int:
+        """The workspace's number (``workspaces.number``), cached: it never changes."""
+        number = self._workspace_numbers.get(workspace_id)
+        if number is None:
+            found = (
+                await conn.exec_driver_sql(
+                    "SELECT number FROM workspaces WHERE id = "
+                    + ("$1" if self.dialect == "postgresql" else "?"),
+                    (workspace_id,),
+                )
+            ).first()
+            if found is None:
+                raise NotFound("workspace")
+            number = self._workspace_numbers[workspace_id] = int(found[0])
+        return number
 
     async def create_all(self) -> None:
         """Create the schema directly (tests and the memory backend); real installs use migrations."""

@@ -26,6 +26,10 @@ workspaces = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
     sa.Column("settings", Json, nullable=False),
     sa.Column("created_at", Ms, nullable=False),
+    # A small number beside the id, given at creation and never changed: what the dedup keys carry
+    # instead of the 29-character id (Database.workspace_number).
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Index("ix_workspaces_number", "number", unique=True),
 )
 
 api_keys = sa.Table(
@@ -84,7 +88,7 @@ events = sa.Table(
 dedup_keys = sa.Table(
     "dedup_keys",
     metadata,
-    sa.Column("workspace_id", sa.String(40), primary_key=True),
+    sa.Column("workspace_number", sa.Integer, primary_key=True),  # workspaces.number
     sa.Column("key", sa.String(300), primary_key=True),
     sa.Column("seen_at", Ms, nullable=False, index=True),
 )

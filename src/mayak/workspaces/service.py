@@ -72,8 +72,13 @@ class WorkspaceService:
         validate_settings(merged)
         now = now_ms()
         async with self.db.write() as conn:
+            # numbered one after another (on PostgreSQL creations queue on a lock for it)
+            await self.db.lock_workspace(conn, "*", "create")
+            number = sa.select(sa.func.coalesce(sa.func.max(workspaces.c.number), 0) + 1).scalar_subquery()
             await conn.execute(
-                workspaces.insert().values(id=ws_id, name=name, settings=merged, created_at=now)
+                workspaces.insert().values(
+                    id=ws_id, name=name, settings=merged, created_at=now, number=number
+                )
             )
             write = await self._issue(conn, ws_id, "write")
             secret = await self._issue(conn, ws_id, "secret")

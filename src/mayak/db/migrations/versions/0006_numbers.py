@@ -1,4 +1,5 @@
-"""customers get numbers; events and identities point at customers by number
+"""customers and workspaces get numbers; events and identities point at customers by number, dedup
+keys at workspaces by number
 
 Every row and index entry of the hot tables carried a customer's 30-character public id, and the
 customers table, keyed by that text, was a row-id table plus a separate index on the id, so every
@@ -9,7 +10,10 @@ replaces ``identities.customer_id``; both are indexed by number alone (a number 
 workspace). ``ix_customers_merged_into`` holds only merged-away customers. ``events.customer_id``
 stays for events that name their customer themselves (admin changes, a bot's records, timers) and
 is cleared for those the pipeline resolves by their identities. Existing customers keep their row
-ids as numbers (SQLite).
+ids as numbers (SQLite). SQLite stores identities ``WITHOUT ROWID`` (a lookup is one search).
+
+Workspaces are numbered in order of creation (``workspaces.number``), and ``dedup_keys`` is keyed
+by ``(workspace_number, key)`` instead of the 29-character workspace id.
 
 Revision ID: 0006
 Revises: 0005
@@ -41,10 +45,81 @@ PROFILE = (
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name == "postgresql":
+    postgres = op.get_bind().dialect.name == "postgresql"
+    if postgres:
         _upgrade_postgresql()
     else:
         _upgrade_sqlite()
+    _number_workspaces(postgres)
+
+
+def _number_workspaces(postgres: bool) -> None:
+    op.add_column("workspaces", sa.Column("number", sa.Integer(), nullable=True))
+    op.execute(
+        "UPDATE workspaces SET number = (SELECT count(*) FROM workspaces AS w "
+        "WHERE (w.created_at, w.id) <= (workspaces.created_at, workspaces.id))"
+    )
+    with op.batch_alter_table("workspaces") as batch:
+        batch.alter_column("number", existing_type=sa.Integer(), nullable=False)
+    op.create_index("ix_workspaces_number", "workspaces", ["number"], unique=True)
+    if postgres:
+        op.execute("ALTER TABLE dedup_keys ADD COLUMN workspace_number INTEGER")
+        op.execute(
+            "UPDATE dedup_keys AS d SET workspace_number = w.number FROM workspaces AS w "
+            "WHERE w.id = d.workspace_id"
+        )
+        op.execute("DELETE FROM dedup_keys WHERE workspace_number IS NULL")  # no such workspace
+        op.execute("ALTER TABLE dedup_keys DROP CONSTRAINT dedup_keys_pkey")
+        op.execute("ALTER TABLE dedup_keys DROP COLUMN workspace_id")
+        op.execute("ALTER TABLE dedup_keys ALTER COLUMN workspace_number SET NOT NULL")
+        op.execute("ALTER TABLE dedup_keys ADD PRIMARY KEY (workspace_number, key)")
+        return
+    _dedup_table("dedup_keys_numbered", numbered=True)
+    op.execute(
+        "INSERT INTO dedup_keys_numbered (workspace_number, key, seen_at) "
+        "SELECT w.number, d.key, d.seen_at FROM dedup_keys AS d JOIN workspaces AS w ON w.id = d.workspace_id"
+    )
+    op.drop_table("dedup_keys")
+    op.rename_table("dedup_keys_numbered", "dedup_keys")
+    op.create_index("ix_dedup_keys_seen_at", "dedup_keys", ["seen_at"])
+
+
+def _dedup_table(name: str, numbered: bool) -> None:
+    op.create_table(
+        name,
+        sa.Column("workspace_number", sa.Integer(), nullable=False)
+        if numbered
+        else sa.Column("workspace_id", sa.String(length=40), nullable=False),
+        sa.Column("key", sa.String(length=300), nullable=False),
+        sa.Column("seen_at", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("workspace_number" if numbered else "workspace_id", "key"),
+    )
+
+
+def _unnumber_workspaces(postgres: bool) -> None:
+    if postgres:
+        op.execute("ALTER TABLE dedup_keys ADD COLUMN workspace_id VARCHAR(40)")
+        op.execute(
+            "UPDATE dedup_keys AS d SET workspace_id = w.id FROM workspaces AS w "
+            "WHERE w.number = d.workspace_number"
+        )
+        op.execute("DELETE FROM dedup_keys WHERE workspace_id IS NULL")
+        op.execute("ALTER TABLE dedup_keys DROP CONSTRAINT dedup_keys_pkey")
+        op.execute("ALTER TABLE dedup_keys DROP COLUMN workspace_number")
+        op.execute("ALTER TABLE dedup_keys ALTER COLUMN workspace_id SET NOT NULL")
+        op.execute("ALTER TABLE dedup_keys ADD PRIMARY KEY (workspace_id, key)")
+    else:
+        _dedup_table("dedup_keys_by_id", numbered=False)
+        op.execute(
+            "INSERT INTO dedup_keys_by_id (workspace_id, key, seen_at) "
+            "SELECT w.id, d.key, d.seen_at FROM dedup_keys AS d JOIN workspaces AS w ON w.number = d.workspace_number"
+        )
+        op.drop_table("dedup_keys")
+        op.rename_table("dedup_keys_by_id", "dedup_keys")
+        op.create_index("ix_dedup_keys_seen_at", "dedup_keys", ["seen_at"])
+    op.drop_index("ix_workspaces_number", table_name="workspaces")
+    with op.batch_alter_table("workspaces") as batch:
+        batch.drop_column("number")
 
 
 def _upgrade_postgresql() -> None:
@@ -167,6 +242,7 @@ def _upgrade_sqlite() -> None:
 def downgrade() -> None:
     """Back to public ids (numbers are dropped; events' attribution is written as the id again)."""
     postgres = op.get_bind().dialect.name == "postgresql"
+    _unnumber_workspaces(postgres)
     id_of = (
         "(SELECT c.id FROM customers AS c WHERE c.workspace_id = {t}.workspace_id "
         "AND c.key = {t}.customer_key)"
