@@ -147,6 +147,30 @@ async def test_export_returns_everything_held(client, mayak: Mayak, ws) -> None:
     assert {e["type"] for e in body["events"]} == {"page", "identify"}
 
 
+async def _numbers(mayak: Mayak) -> dict[str, int]:
+    async with mayak.db.read() as conn:
+        return {r.id: r.key for r in await conn.execute(sa.select(customers.c.id, customers.c.key))}
+
+
+async def test_a_customer_number_is_never_given_twice(client, mayak: Mayak, ws) -> None:
+    """Customers are numbered (customers.key, what events and identities point at); the number of
+    an erased customer, even the highest, is not handed to the next new one."""
+    await send(client, ws, {"type": "identify", "userId": "first"}, {"type": "identify", "userId": "last"})
+    await mayak.drain()
+    first = (await by_identity(client, ws, "user_id:first"))["id"]
+    last = (await by_identity(client, ws, "user_id:last"))["id"]
+    before = await _numbers(mayak)
+    assert before[last] == max(before.values()) > before[first]
+    assert (await client.delete(f"/v1/customers/{last}", headers=admin(ws))).status_code == 200
+    await send(client, ws, {"type": "identify", "userId": "next", "traits": {"plan": "pro"}})
+    await mayak.drain()
+    after = await _numbers(mayak)
+    following = await by_identity(client, ws, "user_id:next")
+    assert following["traits"] == {"plan": "pro"}
+    assert after[following["id"]] > before[last] and after[first] == before[first]
+    assert last not in after
+
+
 async def test_erase_removes_person_and_drops_their_later_events(client, mayak: Mayak, ws) -> None:
     await send(
         client,
