@@ -358,11 +358,12 @@ class _Run:
             )
 
     async def _history(self, customer: Customer) -> None:
+        number = self.keys.get(customer.id)
         rows = await self.conn.execute(
             sa.select(events.c.type, events.c.name, events.c.timestamp, events.c.payload)
             .where(
                 events.c.workspace_id == self.ws,
-                events.c.customer_key == self.keys.get(customer.id, key_of(self.ws, customer.id)),
+                events.c.customer_key == (number if number is not None else key_of(self.ws, customer.id)),
             )
             .order_by(events.c.seq.desc())
             .limit(HISTORY)
