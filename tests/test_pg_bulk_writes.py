@@ -107,6 +107,47 @@ async def test_a_profile_update_leaves_the_indexed_merge_column_alone(
     assert r.status_code == 200, r.text
 
 
+async def test_an_event_that_only_touches_context_and_time_updates_only_those(
+    client, mayak: Mayak, ws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite: a profile that an event changed only by observing it (context, last seen) is written
+    by the narrow UPDATE, and keeps everything else; a trait change still writes the whole row."""
+    if mayak.db.dialect != "sqlite":
+        pytest.skip("SQLite's statement shape")
+    traits = {"plan": "pro", "email": "ann@example.com"}
+    first = "2021-01-02T03:04:05.000Z"
+    await _batch(client, ws, [{"type": "identify", "userId": "u1", "traits": traits, "timestamp": first}])
+    await mayak.drain()
+    before = (await client.get("/v1/customers", params={"identity": "user_id:u1"}, headers=admin(ws))).json()
+    updates: list[str] = []
+    run_many = FastSql.run_many
+
+    async def recording(self: FastSql, conn: Any, sql: str, rows: Any) -> None:
+        if sql.startswith("UPDATE customers "):
+            updates.append(sql)
+        await run_many(self, conn, sql, rows)
+
+    monkeypatch.setattr(FastSql, "run_many", recording)
+    later = "2022-01-02T03:04:05.000Z"
+    seen = {"type": "track", "userId": "u1", "event": "Viewed", "timestamp": later}
+    await _batch(client, ws, [seen | {"context": {"locale": "de-DE", "timezone": "Europe/Berlin"}}])
+    await mayak.drain()
+    assert updates == [
+        "UPDATE customers SET context = ?, first_seen = ?, last_seen = ?, updated_at = ? WHERE key = ?"
+    ]
+    after = (await client.get("/v1/customers", params={"identity": "user_id:u1"}, headers=admin(ws))).json()
+    assert before["first_seen"] == before["last_seen"] == first
+    assert after["last_seen"] == later and after["first_seen"] == first
+    assert (after["context"]["locale"], after["context"]["timezone"]) == ("de-DE", "Europe/Berlin")
+    assert after["traits"] == traits and after["identified"] and after["stage"] == before["stage"]
+    updates.clear()
+    await _batch(client, ws, [{"type": "identify", "userId": "u1", "traits": {"plan": "max"}}])
+    await mayak.drain()
+    assert len(updates) == 1 and "traits = ?" in updates[0]
+    after = (await client.get("/v1/customers", params={"identity": "user_id:u1"}, headers=admin(ws))).json()
+    assert after["traits"] == traits | {"plan": "max"} and after["context"]["locale"] == "de-DE"
+
+
 async def test_many_changed_profiles_in_one_group_each_get_their_own_values(client, mayak: Mayak, ws) -> None:
     """On PostgreSQL the changed profiles of a group are written by one UPDATE joined to column
     arrays (with only nested loops allowed for it): every row gets its own values, and the planner

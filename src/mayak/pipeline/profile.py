@@ -28,6 +28,9 @@ PROFILE_TYPES = (
 PROFILE_TEXT_COLUMNS = ", ".join(
     f"{name}::text" if i in JSON_POSITIONS else name for i, name in enumerate(PROFILE_COLUMNS.split(", "))
 )
+# What observing an event changes (Profile.observed_only): an update of a profile only an event's
+# context and time touched writes these, not the whole row.
+OBSERVED_COLUMNS = ("context", "first_seen", "last_seen", "updated_at")
 MAX_GROUPS = 50
 CONTEXT_STAMP = "_stamp"  # [event ms, seq] of the newest event whose context was applied
 Stamp = list[int]  # [event ms, seq]
@@ -52,7 +55,9 @@ class Profile:
         "new",
         "stage",
         "stage_at",
+        "stored_identified",
         "stored_merged_into",
+        "stored_stage",
     )
 
     def __init__(
@@ -84,6 +89,8 @@ class Profile:
         self.last_seen = last_seen
         self.merged_into = merged_into
         self.stored_merged_into = merged_into  # as read: an update sets the column only if it moved
+        self.stored_identified = identified
+        self.stored_stage = stage
         self.new = new
         self.dirty = dirty
 
@@ -264,6 +271,27 @@ class Profile:
             first_seen=row[11],
             last_seen=row[12],
         )
+
+    def observed_only(self) -> bool:
+        """Only what observing an event changes (context, first and last seen) can differ from the
+        stored row: traits, their times, consents and preferences were never decoded (so never
+        changed), and identity, stage and merge target are as read. Most events leave a profile so."""
+        j = self._json
+        return (
+            j[0] is None
+            and j[1] is None
+            and j[3] is None
+            and j[4] is None
+            and self.identified == self.stored_identified
+            and self.stage == self.stored_stage
+            and self.merged_into == self.stored_merged_into
+        )
+
+    def observed_tuple(self, now: int) -> tuple[Any, ...]:
+        """Driver-level values of OBSERVED_COLUMNS, then the number (for ``observed_only`` rows)."""
+        context = self._json[2]
+        text = dump_json(context) if context is not None else _as_text(self._text[2])
+        return (text, self.first_seen, self.last_seen, now, self.key)
 
     def to_tuple(self, now: int, *, untouched_as_null: bool = False) -> tuple[Any, ...]:
         """Driver-level values in PROFILE_COLUMNS order (JSON columns as text). A JSON column that no
