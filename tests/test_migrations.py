@@ -65,10 +65,7 @@ async def test_a_database_from_an_earlier_revision_answers_the_same_after_upgrad
     """A SQLite file written through the API by an earlier revision (tests/migration_fixture.py)
     is upgraded to head; every recorded read answers as it did, and the data goes on working:
     a known person's next event reaches their profile, an erased person's is dropped."""
-    path = tmp_path / "old.db"
-    shutil.copy(FIXTURES / f"{fixture}.db", path)
-    url = f"sqlite+aiosqlite:///{path}"
-    await upgrade_async(url)
+    url = await _upgraded_copy(fixture, tmp_path)
     await _answers_as_recorded(fixture, url)
 
 
@@ -78,10 +75,7 @@ async def test_a_downgrade_to_the_fixtures_revision_and_back_keeps_the_data(
 ) -> None:
     """Upgrade, downgrade to the revision that wrote the fixture, upgrade again: every recorded read
     still answers as it did (nothing the downgrades rebuild is lost on the way)."""
-    path = tmp_path / "old.db"
-    shutil.copy(FIXTURES / f"{fixture}.db", path)
-    url = f"sqlite+aiosqlite:///{path}"
-    await upgrade_async(url)
+    url = await _upgraded_copy(fixture, tmp_path)
     await asyncio.to_thread(command.downgrade, alembic_config(url), fixture)
     await upgrade_async(url)
     await _answers_as_recorded(fixture, url)
@@ -98,6 +92,15 @@ async def test_postgresql_data_from_an_earlier_revision_answers_the_same_after_u
     await _copy_rows(FIXTURES / f"{fixture}.db", url)
     await upgrade_async(url)
     await _answers_as_recorded(fixture, url)
+
+
+async def _upgraded_copy(fixture: str, tmp_path: Any) -> str:
+    """A copy of the SQLite fixture, upgraded to head; returns its URL."""
+    path = tmp_path / "old.db"
+    shutil.copy(FIXTURES / f"{fixture}.db", path)
+    url = f"sqlite+aiosqlite:///{path}"
+    await upgrade_async(url)
+    return url
 
 
 async def _copy_rows(source: Path, url: str) -> None:

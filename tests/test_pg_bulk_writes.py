@@ -77,6 +77,20 @@ async def test_storage_errors_are_sqlalchemy_errors(mayak: Mayak, ws) -> None:
     assert isinstance(caught.value.__cause__, IntegrityError)
 
 
+def _record_customer_updates(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, every UPDATE customers statement run (profile writes go through run_many)."""
+    updates: list[str] = []
+    run_many = FastSql.run_many
+
+    async def recording(self: FastSql, conn: Any, sql: str, rows: Any) -> None:
+        if sql.startswith("UPDATE customers "):
+            updates.append(sql)
+        await run_many(self, conn, sql, rows)
+
+    monkeypatch.setattr(FastSql, "run_many", recording)
+    return updates
+
+
 async def test_a_profile_update_leaves_the_indexed_merge_column_alone(
     client, mayak: Mayak, ws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -87,15 +101,7 @@ async def test_a_profile_update_leaves_the_indexed_merge_column_alone(
     await _batch(client, ws, [{"type": "identify", "userId": "u1", "traits": {"plan": "pro"}}])
     await _batch(client, ws, [{"type": "track", "anonymousId": "a1", "event": "Viewed"}])
     await mayak.drain()
-    updates: list[str] = []  # UPDATE customers statements (profile writes go through run_many)
-    run_many = FastSql.run_many
-
-    async def recording(self: FastSql, conn: Any, sql: str, rows: Any) -> None:
-        if sql.startswith("UPDATE customers "):
-            updates.append(sql)
-        await run_many(self, conn, sql, rows)
-
-    monkeypatch.setattr(FastSql, "run_many", recording)
+    updates = _record_customer_updates(monkeypatch)
     await _batch(client, ws, [{"type": "track", "userId": "u1", "event": "Viewed"}])
     await mayak.drain()
     assert updates and not any("merged_into" in sql for sql in updates)
@@ -119,15 +125,7 @@ async def test_an_event_that_only_touches_context_and_time_updates_only_those(
     await _batch(client, ws, [{"type": "identify", "userId": "u1", "traits": traits, "timestamp": first}])
     await mayak.drain()
     before = (await client.get("/v1/customers", params={"identity": "user_id:u1"}, headers=admin(ws))).json()
-    updates: list[str] = []
-    run_many = FastSql.run_many
-
-    async def recording(self: FastSql, conn: Any, sql: str, rows: Any) -> None:
-        if sql.startswith("UPDATE customers "):
-            updates.append(sql)
-        await run_many(self, conn, sql, rows)
-
-    monkeypatch.setattr(FastSql, "run_many", recording)
+    updates = _record_customer_updates(monkeypatch)
     later = "2022-01-02T03:04:05.000Z"
     seen = {"type": "track", "userId": "u1", "event": "Viewed", "timestamp": later}
     await _batch(client, ws, [seen | {"context": {"locale": "de-DE", "timezone": "Europe/Berlin"}}])
