@@ -35,6 +35,8 @@ FIGURES = (
     "server_main_thread_us_per_event",
     "server_main_thread_us_per_msg",
     "main_thread_us_per_event",
+    "commit_wait_us_per_event",
+    "mayak_ingest_commit_seconds_sum",
     "p50",
     "p99",
 )

@@ -147,11 +147,13 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
             while queue:
                 await mayak.writer.submit(queue.pop())
 
+        commits_before = _commit_totals(mayak)
         wall, cpu, main_cpu = time.perf_counter(), time.process_time(), time.thread_time()
         await asyncio.gather(*(submitter() for _ in range(args.submitters)))
         await mayak.drain(timeout=3600)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         main_cpu = time.thread_time() - main_cpu
+        commits, commit_s = (a - b for a, b in zip(_commit_totals(mayak), commits_before, strict=True))
         clock.uninstall()
     finally:
         await mayak.stop()
@@ -162,8 +164,23 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "process_cpu_s": cpu,
         "main_thread_cpu_s": main_cpu,
         "main_thread_us_per_event": main_cpu / work.events * 1e6,
+        "groups": commits,
+        "commit_wait_us_per_event": commit_s / work.events * 1e6,
         "statements": clock.report(work.events) if args.statements else [],
     }
+
+
+def _commit_totals(mayak: Mayak) -> tuple[float, float]:
+    """Groups committed so far and the seconds the writer waited for their commits
+    (``mayak_ingest_commit_seconds``: from a group's last statement until it had committed)."""
+    count = total = 0.0
+    for metric in mayak.metrics.commit_seconds.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    return count, total
 
 
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,7 +217,9 @@ def main() -> None:
         f"\n== writer only ({result['backend']}): {result['events']:,} events, {args.submitters} submitters\n"
         f"  fully processed     {result['events_per_s']:10,.0f} events/s   ({result['seconds']:.2f} s)\n"
         f"  main thread CPU     {result['main_thread_us_per_event']:10.1f} µs/event "
-        f"(process CPU {result['process_cpu_s']:.1f} s)"
+        f"(process CPU {result['process_cpu_s']:.1f} s)\n"
+        f"  commit wait         {result['commit_wait_us_per_event']:10.1f} µs/event "
+        f"({result['groups']:,.0f} groups, {result['events'] / max(result['groups'], 1):,.0f} events a group)"
     )
     if result["statements"]:
         total = sum(s["us_per_event"] for s in result["statements"])
