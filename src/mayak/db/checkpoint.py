@@ -45,7 +45,10 @@ whole log for that reason, writes go on and no restart is tried for ``hold_s`` (
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
+import sys
 import threading
 import time
 
@@ -58,6 +61,13 @@ RESTART_FRAMES = 96_000  # about 380 MiB of 4 KiB pages (reached only under sust
 SETTLE_PASS_S = 0.01  # a pass this short: the settle's wait (for it and one more) is short too
 HARD_RESTART_FACTOR = 2  # a log this many times restart_frames settles whatever a pass takes
 SETTLE_WAIT_S = 1.0  # with a restart due, the thread leaves the log to the settle this long at most
+# The thread's nice value (Linux, the lowest): it yields to the event loop and the commits, which the
+# writer waits for; it gets the cores when they are idle, and they are most of the time.
+# 1,000,000 events over HTTP on 2 cores: commits 10.4-10.9 against 11.3-11.5 ms a group, the
+# event loop's CPU an event 47.9-49.9 against 51.0-51.1 µs (the passes took the loop's core too);
+# three interleaved pairs: 19,421 / 18,602 / 18,979 against 19,228 / 17,756 / 18,448 events/s.
+# A settle, which the writer does wait for, runs in a worker thread at the process's priority.
+NICE = 19
 
 
 class Checkpointer:
@@ -123,6 +133,9 @@ class Checkpointer:
                 self._conn = None
 
     def _run(self) -> None:
+        if sys.platform.startswith("linux"):  # elsewhere the call would renice the whole process
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         while not self._stop.is_set():
             self._wake.wait(self.idle_s)
             self._wake.clear()
