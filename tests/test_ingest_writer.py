@@ -524,3 +524,46 @@ async def test_an_event_for_a_merged_away_customer_reaches_the_survivor(
     await mayak.writer.submit([change])
     await mayak.drain()
     assert (await profile_of(mayak, ws_id, "ann"))["traits"] == {"plan": "basic", "city": "Leeds"}
+
+
+async def test_events_are_prepared_in_the_request_and_a_changed_region_is_honoured(
+    mayak: Mayak, ws: dict[str, Any]
+) -> None:
+    """The writer's group uses what the submitting request worked out (ids, the stored payload,
+    identities and context read with the workspace's phone region), unless the region it was read
+    with is no longer the workspace's: then the group reads the identities again."""
+    from mayak.pipeline.facts import event_facts
+
+    await mayak.workspaces.settings(ws["id"])  # cached, as it is under load
+    now = now_ms()
+
+    def identify(user: str) -> NewEvent:
+        payload = {
+            "type": "identify",
+            "userId": user,
+            "traits": {"phone": "07700 900123" if user == "raced" else "07700 900456"},
+            "context": {"timezone": "Europe/London"},
+        }
+        return NewEvent(
+            workspace_id=ws["id"], type="identify", timestamp=now, received_at=now, payload=payload
+        )
+
+    prepared = identify("prepared")
+    await mayak.writer.submit([prepared])
+    assert prepared.facts is not None and prepared.facts.region == "GB"
+    assert prepared.facts.others == (("phone", "+447700900456"),)
+    # as if the region changed (to GB) after the request read the identities with the old one (US)
+    raced = identify("raced")
+    raced.facts = event_facts(raced.payload, "US")
+    assert raced.facts.others == ()  # a national number means nothing in the wrong region
+    await mayak.writer.submit([raced])
+    await mayak.drain()
+    async with mayak.db.read() as conn:
+        query = sa.select(events.c.id, events.c.payload).where(events.c.workspace_id == ws["id"])
+        rows = (await conn.execute(query)).all()
+    assert {(r.id, r.payload) for r in rows} == {(e.id, e.payload_text) for e in (prepared, raced)}
+    for user, phone in (("prepared", "+447700900456"), ("raced", "+447700900123")):
+        by_phone = await mayak.customers.find_by_identity(ws["id"], f"phone:{phone}")
+        by_user = await mayak.customers.find_by_identity(ws["id"], f"user_id:{user}")
+        assert by_phone["id"] == by_user["id"]
+        assert by_user["context"]["timezone"] == "Europe/London"

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
-from mayak.db.checkpoint import SETTLE_WAIT_S, Checkpointer
+from mayak.db.checkpoint import NICE, SETTLE_WAIT_S, Checkpointer
 from mayak.db.database import Database
 
 
@@ -205,3 +208,22 @@ def test_with_a_restart_due_the_thread_leaves_the_log_to_the_settle(tmp_path: Pa
     assert checkpointer.checkpoints > passes
     checkpointer.stop()
     writer.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="thread priorities are set on Linux only")
+def test_the_thread_runs_below_the_event_loop(tmp_path: Path) -> None:
+    """Its passes must not take a core from the event loop or the commits the writer waits for."""
+    path = tmp_path / "nice.db"
+    sqlite3.connect(path).close()
+    checkpointer = Checkpointer(str(path), interval_s=0.01)
+    checkpointer.start()
+    try:
+        thread = checkpointer._thread
+        assert thread is not None and thread.native_id is not None
+        deadline = time.monotonic() + 5
+        while os.getpriority(os.PRIO_PROCESS, thread.native_id) != NICE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == NICE == 19
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < NICE  # not the whole process
+    finally:
+        checkpointer.stop()

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -23,6 +23,9 @@ from mayak.db.fastsql import FastSql, dump_json
 from mayak.db.schema import customers, dedup_keys, events
 from mayak.ids import new_ids
 from mayak.timeutil import ms_to_rfc3339, now_ms
+
+if TYPE_CHECKING:
+    from mayak.pipeline.facts import EventFacts
 
 APPEND_LOCK = "log"
 DEDUP_WINDOW_MS = 7 * 86_400_000  # default; MAYAK_DEDUP_WINDOW_DAYS
@@ -51,6 +54,10 @@ class NewEvent:
     customer_id: str | None = None
     id: str = ""
     customer_key: int | None = None  # the named customer's number, where the appender knows it
+    # Worked out before the event reached the writer (``prepare``), so the writer's group does not
+    # spend its time on them: the payload as stored, and what the pipeline reads from it.
+    payload_text: str | None = None
+    facts: EventFacts | None = None
 
 
 @dataclass(slots=True)
@@ -117,49 +124,35 @@ async def deduplicate(
         if locked is not None:
             locked()
             locked = None
-        if sql.pg:
-            keep.extend(await _deduplicate_pg(db, sql, conn, batch, ws_id, idxs, now, cutoff, result))
-            continue
-        keys = list({k for i in idxs if (k := batch[i].dedup_key) is not None})
-        seen: set[str] = set()
-        number = await db.workspace_number(conn, ws_id) if keys else 0
-        if keys:
-            found = await sql.fetch(
-                conn,
-                f"SELECT key FROM dedup_keys WHERE workspace_number = {sql.p(1)} AND key {sql.in_list(2)} "
-                f"AND seen_at >= {sql.p(3)}",
-                (number, sql.list_param(keys), cutoff),
-            )
-            seen.update(r[0] for r in found)
-        fresh_keys: list[tuple[int, str, int]] = []
-        for i in idxs:
-            key = batch[i].dedup_key
-            if key is not None:
-                if key in seen:
-                    result.duplicate_flags[i] = True
-                    continue
-                seen.add(key)
-                fresh_keys.append((number, key, now))
-            keep.append(i)
-        if fresh_keys:
-            await sql.run_many(
-                conn,
-                f"INSERT INTO dedup_keys (workspace_number, key, seen_at) VALUES ({sql.values(3)}) "
-                # a key seen before the window starts counts again from now
-                "ON CONFLICT (workspace_number, key) DO UPDATE SET seen_at = excluded.seen_at",
-                fresh_keys,
-            )
+        keep.extend(await _deduplicate(db, sql, conn, batch, ws_id, idxs, now, cutoff, result))
     result.duplicates = len(batch) - len(keep)
     result.accepted = len(keep)
     kept = [batch[i] for i in sorted(keep)]
-    for ev, evt_id in zip(kept, new_ids("evt", len(kept)), strict=True):
-        ev.id = evt_id
-        ev.payload["messageId"] = ev.payload.get("messageId") or evt_id
+    unnamed = [ev for ev in kept if not ev.id]
+    if unnamed:
+        name(unnamed)
+    for ev in kept:
         ev.received_at = ev.received_at or now
     return result, kept
 
 
-async def _deduplicate_pg(
+def name(batch: Sequence[NewEvent]) -> None:
+    """Give each event its id (and a ``messageId`` in its payload where it came without)."""
+    for ev, evt_id in zip(batch, new_ids("evt", len(batch)), strict=True):
+        ev.id = evt_id
+        ev.payload["messageId"] = ev.payload.get("messageId") or evt_id
+
+
+def prepare(batch: Sequence[NewEvent]) -> None:
+    """What an append can work out before it holds the writer: the events' ids and their payloads
+    as stored. An event whose id is given here and that turns out to be a duplicate is not stored.
+    The payload must not change after this (``insert`` stores the text made here)."""
+    name([ev for ev in batch if not ev.id])
+    for ev in batch:
+        ev.payload_text = dump_json(ev.payload)
+
+
+async def _deduplicate(
     db: Database,
     sql: FastSql,
     conn: AsyncConnection,
@@ -170,11 +163,11 @@ async def _deduplicate_pg(
     cutoff: int,
     result: AppendResult,
 ) -> list[int]:
-    """PostgreSQL: flag and remember one workspace's keys with ONE statement; returns the kept
-    positions. A key is new when it is not stored or was last seen before the window starts; the
-    upsert stores or refreshes exactly those and returns them (a key seen inside the window is
-    left as it is and not returned: a duplicate). Repeats inside the batch are settled here first
-    (an upsert may not touch a row twice)."""
+    """Flag and remember one workspace's keys with ONE statement; returns the kept positions. A key
+    is new when it is not stored or was last seen before the window starts; the upsert stores or
+    refreshes exactly those and returns them (a key seen inside the window is left as it is and not
+    returned: a duplicate). Repeats inside the batch are settled here first (an upsert may not touch
+    a row twice). One search of the keys' index a key, where a lookup and then an insert took two."""
     first: dict[str, int] = {}
     for i in idxs:
         key = batch[i].dedup_key
@@ -185,13 +178,20 @@ async def _deduplicate_pg(
                 first[key] = i
     fresh: set[str] = set()
     if first:
-        rows = await sql.fetch(
-            conn,
-            "INSERT INTO dedup_keys (workspace_number, key, seen_at) "
-            "SELECT $1, k, $3 FROM unnest($2::text[]) AS k "
+        number = await db.workspace_number(conn, ws_id)
+        upsert = (
             "ON CONFLICT (workspace_number, key) DO UPDATE SET seen_at = excluded.seen_at "
-            "WHERE dedup_keys.seen_at < $4 RETURNING key",
-            (await db.workspace_number(conn, ws_id), list(first), now, cutoff),
+            f"WHERE dedup_keys.seen_at < {sql.p(4)} RETURNING key"
+        )
+        params: tuple[Any, ...]
+        if sql.pg:
+            select = "SELECT $1, k, $3 FROM unnest($2::text[]) AS k"
+            params = (number, list(first), now, cutoff)
+        else:  # parameters in order of appearance; WHERE true: SQLite's parser needs it before ON CONFLICT
+            select = "SELECT ?, value, ? FROM json_each(?) WHERE true"
+            params = (number, now, dump_json(list(first)), cutoff)
+        rows = await sql.fetch(
+            conn, f"INSERT INTO dedup_keys (workspace_number, key, seen_at) {select} {upsert}", params
         )
         fresh = {r[0] for r in rows}
     kept: list[int] = []
@@ -259,7 +259,7 @@ async def insert(
             ev.received_at,
             ev.source,
             ev.actor,
-            dump_json(ev.payload),
+            ev.payload_text if ev.payload_text is not None else dump_json(ev.payload),
         )
         for ev, seq in zip(kept, seqs, strict=True)
     ]
@@ -328,6 +328,8 @@ class LoggedEvent:
     actor: str | None
     payload: dict[str, Any]
     customer_key: int | None = None  # the attributed customer's number (not shown outside)
+    payload_text: str | None = None  # as NewEvent's (for events processed while appended)
+    facts: EventFacts | None = None
 
 
 def event_rows(*where: Any) -> sa.Select[Any]:
