@@ -6,12 +6,14 @@ indexes stay append-mostly.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32
 _TABLE = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits at a time
+_RFC4648_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _ALPHABET.encode())
 
 
 def _encode(value: int) -> str:
@@ -31,12 +33,15 @@ def new_id(prefix: str, now_ms: int | None = None) -> str:
 
 
 def new_ids(prefix: str, count: int) -> list[str]:
-    """Many ids at once, sharing one clock read (faster for bulk inserts)."""
-    ms = int(time.time() * 1000) << 80
-    rnd = os.urandom(10 * count)
-    return [
-        f"{prefix}_{_encode(ms | int.from_bytes(rnd[i * 10 : i * 10 + 10], 'big'))}" for i in range(count)
-    ]
+    """Many ids at once, sharing one clock read (faster for bulk inserts).
+
+    The 80 random bits are the last 16 characters exactly (80 = 16 x 5), so the shared time part is
+    encoded once and the random parts by one base32 pass over all the random bytes: each id's 10
+    bytes are 16 characters of it (RFC 4648's alphabet, translated to Crockford's)."""
+    ms = int(time.time() * 1000)
+    head = f"{prefix}_{_encode(ms << 80)[:10]}"
+    tails = base64.b32encode(os.urandom(10 * count)).translate(_RFC4648_TO_CROCKFORD).decode()
+    return [head + tails[i : i + 16] for i in range(0, 16 * count, 16)]
 
 
 def derived_id(prefix: str, ms: int, seed: str) -> str:

@@ -19,7 +19,7 @@ from mayak.errors import EventRejected, InvalidRequest, MayakError, PermissionDe
 from mayak.eventlog import NewEvent
 from mayak.ingest.body import check_content_type, parse_json, read_limited
 from mayak.ingest.segment import SHORT_TYPES, normalise_event
-from mayak.timeutil import now_ms, parse_rfc3339_ms
+from mayak.timeutil import ms_to_rfc3339, now_ms, parse_rfc3339_ms
 
 router = APIRouter(tags=["ingestion"])
 
@@ -111,6 +111,7 @@ async def ingest(request: Request, kind: str) -> Response:
         # when the database answers. So one batch is checked at a time (the gate), yielding every
         # CHECK_SLICE events: the writer's next step waits for one slice at most. (On SQLite the
         # writer is the process's CPU; serialising the checks only made its groups smaller.)
+        received_text = ms_to_rfc3339(received)
         gate = mayak.check_gate if len(items) > CHECK_SLICE else None
         async with gate or contextlib.nullcontext():
             for index, item in enumerate(items):
@@ -127,6 +128,7 @@ async def ingest(request: Request, kind: str) -> Response:
                             actor=key.id,
                             max_event_bytes=settings.max_event_bytes,
                             max_depth=settings.max_json_depth,
+                            received_text=received_text,
                         )
                     )
                 except EventRejected as exc:

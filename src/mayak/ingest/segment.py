@@ -170,8 +170,10 @@ def normalise_event(
     actor: str | None,
     max_event_bytes: int,
     max_depth: int,
+    received_text: str | None = None,
 ) -> NewEvent:
-    """Check one event and turn it into a log entry; raises EventRejected with a path relative to it."""
+    """Check one event and turn it into a log entry; raises EventRejected with a path relative to it.
+    ``received_text``: ``received_at`` as RFC 3339, where the caller formatted it once for many."""
     if not isinstance(raw, dict):
         raise EventRejected("invalid_event", "an event must be a JSON object", "$")
     try:
@@ -273,7 +275,7 @@ def normalise_event(
     if original is not None:
         payload["originalTimestamp"] = raw["timestamp"]
     payload["timestamp"] = ms_to_rfc3339(ts)
-    payload["receivedAt"] = ms_to_rfc3339(received_at)
+    payload["receivedAt"] = received_text or ms_to_rfc3339(received_at)
     return NewEvent(
         workspace_id=workspace_id,
         type=etype,
