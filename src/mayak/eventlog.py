@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -23,9 +23,6 @@ from mayak.db.fastsql import FastSql, dump_json
 from mayak.db.schema import customers, dedup_keys, events
 from mayak.ids import new_ids
 from mayak.timeutil import ms_to_rfc3339, now_ms
-
-if TYPE_CHECKING:
-    from mayak.pipeline.facts import EventFacts
 
 APPEND_LOCK = "log"
 DEDUP_WINDOW_MS = 7 * 86_400_000  # default; MAYAK_DEDUP_WINDOW_DAYS
@@ -54,10 +51,6 @@ class NewEvent:
     customer_id: str | None = None
     id: str = ""
     customer_key: int | None = None  # the named customer's number, where the appender knows it
-    # Worked out before the event reached the writer (``prepare``), so the writer's group does not
-    # spend its time on them: the payload as stored, and what the pipeline reads from it.
-    payload_text: str | None = None
-    facts: EventFacts | None = None
 
 
 @dataclass(slots=True)
@@ -128,28 +121,11 @@ async def deduplicate(
     result.duplicates = len(batch) - len(keep)
     result.accepted = len(keep)
     kept = [batch[i] for i in sorted(keep)]
-    unnamed = [ev for ev in kept if not ev.id]
-    if unnamed:
-        name(unnamed)
-    for ev in kept:
-        ev.received_at = ev.received_at or now
-    return result, kept
-
-
-def name(batch: Sequence[NewEvent]) -> None:
-    """Give each event its id (and a ``messageId`` in its payload where it came without)."""
-    for ev, evt_id in zip(batch, new_ids("evt", len(batch)), strict=True):
+    for ev, evt_id in zip(kept, new_ids("evt", len(kept)), strict=True):
         ev.id = evt_id
         ev.payload["messageId"] = ev.payload.get("messageId") or evt_id
-
-
-def prepare(batch: Sequence[NewEvent]) -> None:
-    """What an append can work out before it holds the writer: the events' ids and their payloads
-    as stored. An event whose id is given here and that turns out to be a duplicate is not stored.
-    The payload must not change after this (``insert`` stores the text made here)."""
-    name([ev for ev in batch if not ev.id])
-    for ev in batch:
-        ev.payload_text = dump_json(ev.payload)
+        ev.received_at = ev.received_at or now
+    return result, kept
 
 
 async def _deduplicate(
@@ -259,7 +235,7 @@ async def insert(
             ev.received_at,
             ev.source,
             ev.actor,
-            ev.payload_text if ev.payload_text is not None else dump_json(ev.payload),
+            dump_json(ev.payload),
         )
         for ev, seq in zip(kept, seqs, strict=True)
     ]
@@ -328,8 +304,6 @@ class LoggedEvent:
     actor: str | None
     payload: dict[str, Any]
     customer_key: int | None = None  # the attributed customer's number (not shown outside)
-    payload_text: str | None = None  # as NewEvent's (for events processed while appended)
-    facts: EventFacts | None = None
 
 
 def event_rows(*where: Any) -> sa.Select[Any]:

@@ -17,9 +17,8 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
-from mayak.eventlog import AppendResult, LogNotifier, NewEvent, deduplicate, insert, prepare, reserve_seqs
+from mayak.eventlog import AppendResult, LogNotifier, NewEvent, deduplicate, insert, reserve_seqs
 from mayak.metrics import Metrics
-from mayak.pipeline.facts import add_facts
 
 if TYPE_CHECKING:
     from mayak.pipeline.processor import Pipeline
@@ -96,7 +95,6 @@ class IngestWriter:
         for sources, enrich in self.enrichers:
             if any(ev.source in sources for ev in batch):
                 await enrich(batch)
-        self._prepare(batch)
         if self._task is None:
             async with self._write() as conn:
                 result, advanced = await self._append(conn, batch)
@@ -108,24 +106,6 @@ class IngestWriter:
         self._idle.clear()
         self._wake.set()
         return await fut
-
-    def _prepare(self, batch: Sequence[NewEvent]) -> None:
-        """Work out, in the submitting request, what the group would otherwise work out for each
-        event while every other request waits for it: ids, stored payloads, and the facts the
-        inline pipeline reads (``mayak.pipeline.facts``; only where the workspace's phone region
-        is cached, so that submitting never waits: the group works out the rest). A group is the
-        serial part of ingestion; the requests run while the group before commits (SQLite) or
-        waits on the database."""
-        prepare(batch)
-        pipeline = self.pipeline
-        if pipeline is not None:
-            by_ws: dict[str, list[NewEvent]] = {}
-            for ev in batch:
-                by_ws.setdefault(ev.workspace_id, []).append(ev)
-            for ws_id, events in by_ws.items():
-                region = pipeline.cached_region(ws_id)
-                if region is not None:
-                    add_facts(events, region)
 
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncConnection]:

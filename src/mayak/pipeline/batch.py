@@ -21,8 +21,7 @@ from mayak.db.fastsql import FastSql
 from mayak.db.schema import CUSTOMER_TABLES, KEYED_TABLES, customers
 from mayak.eventlog import RESOLVED_SOURCES, SEGMENT_TYPES, LoggedEvent, NewEvent, reserve_numbers
 from mayak.ids import derived_id
-from mayak.pipeline.facts import event_facts
-from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, suppression_hash
+from mayak.pipeline.identity import ANONYMOUS_ID, USER_ID, Key, event_keys, suppression_hash
 from mayak.pipeline.profile import (
     JSON_POSITIONS,
     OBSERVED_COLUMNS,
@@ -151,11 +150,8 @@ class ProfileBatch:
         for ev in logged:
             item = _Item(ev)
             if ev.type in SEGMENT_TYPES and ev.source in RESOLVED_SOURCES:
-                facts = ev.facts
-                if facts is None or facts.region != self.region:  # read back, or the region changed
-                    facts = ev.facts = event_facts(ev.payload, self.region)
-                user, anon, others = facts.user, facts.anon, facts.others
-                item.user, item.anon, item.others = user, anon, others
+                user, anon, others = event_keys(ev.payload, self.region)
+                item.user, item.anon, item.others = user, anon, tuple(others)
                 for key in (user, anon, *others):
                     if key is None:
                         continue
@@ -335,9 +331,8 @@ class ProfileBatch:
     def _apply_segment(self, cid: str, ev: LoggedEvent) -> None:
         profile = self.profiles[cid]
         stamp = [ev.timestamp, ev.seq]
-        facts = ev.facts
-        assert facts is not None  # set by load for every event resolved by its identities
-        profile.observe(ev.timestamp, facts.derived, facts.hints, stamp)
+        context = ev.payload.get("context")
+        profile.observe(ev.timestamp, context if isinstance(context, dict) else None, stamp)
         if ev.type == "identify":
             traits = ev.payload.get("traits")
             if isinstance(traits, dict) and traits:

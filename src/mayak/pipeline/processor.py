@@ -239,8 +239,6 @@ class Pipeline:
                 ev.actor,
                 ev.payload,
                 ev.customer_key,
-                ev.payload_text,
-                ev.facts,
             )
             for ev, seq in zip(kept, seqs, strict=True)
         ]
@@ -427,12 +425,6 @@ class Pipeline:
         if self.workspaces is None:
             return "US"
         return await self.workspaces.default_region(ws_id)
-
-    def cached_region(self, ws_id: str) -> str | None:
-        """``region`` when it is known without I/O (the settings are cached), else None."""
-        if self.workspaces is None:
-            return "US"
-        return self.workspaces.cached_default_region(ws_id)
 
     def reset_position(self, ws_id: str) -> None:
         self._positions[ws_id] = 0

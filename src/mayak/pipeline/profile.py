@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from mayak.db.fastsql import dump_json, load_json
+from mayak.pipeline import context as ctx
 from mayak.timeutil import ms_to_rfc3339
 
 RESERVED_TRAITS = ("consents", "preferences")
@@ -172,18 +173,16 @@ class Profile:
             self.stage_at = at
             self.dirty = True
 
-    def observe(self, ts: int, derived: dict[str, Any] | None, hints: list[str], stamp: Stamp) -> None:
-        """Seen at ``ts``: first/last seen and what the event's context tells about the person
-        (``derived`` and ``hints``: ``context.derive`` and ``context.channel_hints`` of the event's
-        context; ``derived`` None when it had none)."""
+    def observe(self, ts: int, event_context: dict[str, Any] | None, stamp: Stamp) -> None:
+        """Seen at ``ts``: first/last seen and what the event's context tells about the person."""
         if self.first_seen is None or ts < self.first_seen:
             self.first_seen = ts
             self.dirty = True
         if self.last_seen is None or ts > self.last_seen:
             self.last_seen = ts
             self.dirty = True
-        if derived is not None:
-            self._observe_context(derived, hints, stamp)
+        if event_context:
+            self._observe_context(ctx.derive(event_context), ctx.channel_hints(event_context), stamp)
 
     def _observe_context(self, derived: dict[str, Any], hints: list[str], stamp: Stamp) -> None:
         """Context fields come from the newest event that carried them; an older event only fills gaps."""

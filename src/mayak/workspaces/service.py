@@ -103,13 +103,6 @@ class WorkspaceService:
         """The workspace's default phone region (how national numbers are read), "US" when unset."""
         return str((await self.settings(ws_id)).get("default_region") or "US")
 
-    def cached_default_region(self, ws_id: str) -> str | None:
-        """``default_region`` if the settings are cached now (no I/O), else None."""
-        cached = self._settings_cache.get(ws_id)
-        if cached and cached[0] > time.monotonic():
-            return str(cached[1].get("default_region") or "US")
-        return None
-
     async def settings(self, ws_id: str) -> dict[str, Any]:
         """A workspace's settings, cached for a few seconds (other processes' changes show within that)."""
         cached = self._settings_cache.get(ws_id)
