@@ -87,10 +87,7 @@ async def test_postgresql_data_from_an_earlier_revision_answers_the_same_after_u
 ) -> None:
     """The same on PostgreSQL: a schema migrated to the fixture's revision is filled with the
     fixture's rows, upgraded to head, and answers every recorded read as the earlier revision did."""
-    url = await asyncio.to_thread(_url, "postgresql", tmp_path)
-    await upgrade_async(url, fixture)
-    await _copy_rows(FIXTURES / f"{fixture}.db", url)
-    await upgrade_async(url)
+    url = await _pg_upgraded_copy(fixture, tmp_path)
     await _answers_as_recorded(fixture, url)
 
 
@@ -100,10 +97,7 @@ async def test_postgresql_downgrade_to_the_fixtures_revision_and_back_keeps_the_
 ) -> None:
     """The downgrade round trip on PostgreSQL: the fixture's rows at its revision, upgraded to head,
     downgraded to the fixture's revision, upgraded again; every recorded read answers as it did."""
-    url = await asyncio.to_thread(_url, "postgresql", tmp_path)
-    await upgrade_async(url, fixture)
-    await _copy_rows(FIXTURES / f"{fixture}.db", url)
-    await upgrade_async(url)
+    url = await _pg_upgraded_copy(fixture, tmp_path)
     await asyncio.to_thread(command.downgrade, alembic_config(url), fixture)
     await upgrade_async(url)
     await _answers_as_recorded(fixture, url)
@@ -114,6 +108,16 @@ async def _upgraded_copy(fixture: str, tmp_path: Any) -> str:
     path = tmp_path / "old.db"
     shutil.copy(FIXTURES / f"{fixture}.db", path)
     url = f"sqlite+aiosqlite:///{path}"
+    await upgrade_async(url)
+    return url
+
+
+async def _pg_upgraded_copy(fixture: str, tmp_path: Any) -> str:
+    """A fresh PostgreSQL schema at the fixture's revision, filled with its rows, upgraded to head;
+    returns its URL."""
+    url = await asyncio.to_thread(_url, "postgresql", tmp_path)
+    await upgrade_async(url, fixture)
+    await _copy_rows(FIXTURES / f"{fixture}.db", url)
     await upgrade_async(url)
     return url
 
