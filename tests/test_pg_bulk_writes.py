@@ -288,7 +288,7 @@ async def test_identities_of_every_kind_are_looked_up_in_one_statement(
     real = FastSql.fetch
 
     async def fetch(self: FastSql, conn: Any, sql: str, params: Any = ()) -> list[Any]:
-        if "FROM identities WHERE" in sql:
+        if "FROM identities WHERE" in sql or "JOIN identities AS i WHERE" in sql:
             queries.append(sql)
         return await real(self, conn, sql, params)
 
