@@ -228,3 +228,27 @@ async def test_bad_consent_convention_is_rejected_with_path(client, ws) -> None:
     )
     assert r.status_code == 400
     assert r.json()["param"] == "$.traits.consents.email.ads"
+
+
+def test_a_profile_read_back_from_its_row_is_the_profile_that_was_written() -> None:
+    """``Profile.from_tuple`` sets the slots itself (not through ``__init__``): every slot must come
+    back as a profile built from the same values has it."""
+    from mayak.pipeline.profile import Profile
+
+    written = Profile(
+        "cus_a",
+        111,
+        identified=True,
+        text=['{"plan":"pro"}', '{"traits":{"plan":[1,2]}}', '{"locale":"en-GB"}', "{}", '{"lang":"en"}'],
+        stage="lead",
+        stage_at=5,
+        first_seen=6,
+        last_seen=7,
+        merged_into="cus_b",
+        key=9,
+    )
+    read = Profile.from_tuple(written.to_tuple(now=999))
+    for slot in Profile.__slots__:
+        assert getattr(read, slot) == getattr(written, slot), slot
+    assert read.observed_only()  # as read: nothing decoded, nothing changed
+    assert read.traits == {"plan": "pro"}
