@@ -54,6 +54,7 @@ CITIES = ("London", "Manchester", "Leeds", "Glasgow", "Bristol", "Cardiff", "Bel
 FIRST = ("Ann", "Boris", "Chloe", "Dmitri", "Eva", "Farid", "Grace", "Hugo", "Irina", "Jon")
 LAST = ("Smith", "Ivanova", "Jones", "Petrov", "Taylor", "Brown", "Novak", "Wilson")
 CUSTOMER_COLUMNS = (
+    "key",
     "id",
     "workspace_id",
     "merged_into",
@@ -70,7 +71,7 @@ CUSTOMER_COLUMNS = (
     "created_at",
     "updated_at",
 )
-IDENTITY_COLUMNS = ("workspace_id", "kind", "value", "customer_id", "created_at")
+IDENTITY_COLUMNS = ("workspace_id", "kind", "value", "customer_key", "created_at")
 
 
 def email_of(i: int) -> str:
@@ -111,6 +112,7 @@ def populate(db_path: Path, ws_id: str, ids: list[str], analyze: bool = False) -
             }
             times = {"traits": dict.fromkeys(traits, stamp)}
             yield (
+                i + 1,  # the customer's number: identities point at it
                 cid,
                 ws_id,
                 None,
@@ -129,9 +131,9 @@ def populate(db_path: Path, ws_id: str, ids: list[str], analyze: bool = False) -
             )
 
     def identity_rows(kind: str) -> Any:
-        for i, cid in enumerate(ids):
+        for i in range(len(ids)):
             value = email_of(i) if kind == "email" else f"user-{i:08d}"
-            yield (ws_id, kind, value, cid, now)
+            yield (ws_id, kind, value, i + 1, now)
 
     def insert(table: str, columns: tuple[str, ...], rows: Any) -> None:
         sql = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
