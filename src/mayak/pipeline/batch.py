@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from mayak.db.database import Database
-from mayak.db.fastsql import FastSql, dump_json
+from mayak.db.fastsql import FastSql
 from mayak.db.schema import CUSTOMER_TABLES, KEYED_TABLES, customers
 from mayak.eventlog import RESOLVED_SOURCES, SEGMENT_TYPES, LoggedEvent, NewEvent, reserve_numbers
 from mayak.ids import derived_id
@@ -177,7 +177,7 @@ class ProfileBatch:
         sql = self.sql
         if not sql.pg:
             for kind, values in by_kind.items():
-                found = await sql.fetch(self.conn, SQLITE_IDENTITIES, (dump_json(values), self.ws, kind))
+                found = await sql.fetch(self.conn, SQLITE_IDENTITIES, (sql.list_param(values), self.ws, kind))
                 for found_value, number in found:
                     owners[(kind, found_value)] = number
         elif by_kind:
@@ -230,10 +230,13 @@ class ProfileBatch:
         select = f"SELECT {columns} FROM customers WHERE workspace_id = {sql.p(1)} AND"
         by_key: dict[int, Profile] = {}
         rows: list[Any] = []
-        if numbers and sql.pg:
-            rows = await sql.fetch(self.conn, f"{select} key = ANY($2::bigint[])", (self.ws, list(numbers)))
-        elif numbers:
-            rows = await sql.fetch(self.conn, SQLITE_PROFILES_BY_KEY, (dump_json(list(numbers)), self.ws))
+        if numbers:
+            listed = sql.list_param(list(numbers))
+            if sql.pg:
+                by_number = f"{select} key {sql.in_list(2, 'bigint')}"
+                rows = await sql.fetch(self.conn, by_number, (self.ws, listed))
+            else:
+                rows = await sql.fetch(self.conn, SQLITE_PROFILES_BY_KEY, (listed, self.ws))
         pending = {cid for cid in ids if cid not in self.profiles}
         while rows or pending:
             if pending:
